@@ -1,0 +1,5 @@
+"""The only place that adapts Megatron-Core to this environment (CPU redirects)."""
+
+from joyai_megatron.compat.cpu import apply_cpu_redirects, cuda_device_as_cpu, redirect_sites
+
+__all__ = ["apply_cpu_redirects", "cuda_device_as_cpu", "redirect_sites"]

@@ -1,0 +1,177 @@
+"""CPU redirects for the few places where Megatron-Core 0.19 hard-codes CUDA.
+
+Everything here is applied by :func:`apply_cpu_redirects` only when CUDA is absent, and only to the
+named upstream functions; on a GPU machine this module changes nothing.  Each entry of ``_SITES``
+names the upstream lines it covers.  Two mechanisms:
+
+* *device redirect*: while a listed function runs, ``torch.cuda.current_device()`` answers
+  ``"cpu"`` and tensor factories asked for a CUDA device build on the CPU.  Nothing else about the
+  function changes, so upstream logic stays upstream.
+* *replacement*: where upstream asserts a CUDA tensor type or reads CUDA RNG state, a small CPU
+  equivalent is installed in its place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like")
+_lock = threading.RLock()
+_depth = 0
+_saved: dict[str, Any] = {}
+_applied = False
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, int):
+        return True
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+def _cpu_factory(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def cuda_device_as_cpu() -> Iterator[None]:
+    """Inside this block, CUDA device requests build tensors on the CPU (re-entrant)."""
+    global _depth
+    with _lock:
+        if _depth == 0:
+            _saved["current_device"] = torch.cuda.current_device
+            torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+            for name in _FACTORIES:
+                _saved[name] = getattr(torch, name)
+                setattr(torch, name, _cpu_factory(_saved[name]))
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                torch.cuda.current_device = _saved.pop("current_device")
+                for name in _FACTORIES:
+                    setattr(torch, name, _saved.pop(name))
+
+
+def _redirected(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with cuda_device_as_cpu():
+            return fn(*args, **kwargs)
+
+    wrapper.__joyai_cpu_redirect__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+# (module, attribute path, upstream lines covered).  Megatron-Core 0.19.2.
+_SITES: list[tuple[str, str, str]] = [
+    # rotary_pos_embedding.py l.78 `torch.cuda.current_device()` in __init__ and l.162 moving
+    # inv_freq "to GPU once at the first micro-batch".
+    ("megatron.core.models.common.embeddings.rotary_pos_embedding", "RotaryEmbedding.__init__", "78"),
+    ("megatron.core.models.common.embeddings.rotary_pos_embedding", "RotaryEmbedding.get_emb", "162"),
+    # router.py l.98-100 moves the gate weight to the GPU on every gating call; l.184-247 put the
+    # expert bias and its token counters on `torch.cuda.current_device()`.
+    ("megatron.core.transformer.moe.router", "Router.gating", "98-100"),
+    ("megatron.core.transformer.moe.router", "TopKRouter.__init__", "184-247"),
+    # multi_token_prediction.py l.374-378: MTP loss/accuracy trackers on the current device.
+    ("megatron.core.transformer.multi_token_prediction", "MTPLossLoggingHelper.save_metrics_to_tracker", "374-378"),
+    # optimizer.py l.1249: FP32Optimizer's `_scale = torch.tensor([1.0], device='cuda')`.
+    ("megatron.core.optimizer.optimizer", "FP32Optimizer.__init__", "1249"),
+    # optimizer.py l.315 (`has_grad_norm_group` flag) and l.1492 (ChainedOptimizer loss scale).
+    ("megatron.core.optimizer.optimizer", "MegatronOptimizer.has_grad_norm_group", "315"),
+    ("megatron.core.optimizer.optimizer", "ChainedOptimizer.get_loss_scale", "1492"),
+    # layer_wise_optimizer.py l.837: the same flag in the layer-wise (distributed Muon) optimizer.
+    ("megatron.core.optimizer.layer_wise_optimizer", "LayerWiseDistributedOptimizer.has_grad_norm_group", "837"),
+    # clip_grads.py l.96, l.108, l.112: norm accumulators with device='cuda'.
+    ("megatron.core.optimizer.clip_grads", "get_grad_norm_fp32", "96-112"),
+    ("megatron.core.optimizer.clip_grads", "count_zeros_fp32", "231"),
+]
+
+
+def clip_grad_by_total_norm_cpu(
+    parameters: list[torch.Tensor] | torch.Tensor,
+    max_norm: float,
+    total_norm: float,
+    use_decoupled_grad: bool = False,
+) -> None:
+    """Replaces clip_grads.py ``clip_grad_by_total_norm_fp32``, whose l.174 asserts
+    ``param.grad.type() == 'torch.cuda.FloatTensor'``: same scaling, any device."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(coeff, torch.Tensor):
+        torch._foreach_mul_(grads, coeff.clamp_max(1.0))
+    elif coeff < 1.0:
+        torch._foreach_mul_(grads, coeff)
+
+
+def _get_rng_state_cpu(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """Replaces random.py ``_get_cuda_rng_state`` (l.104): the CPU generator stands in."""
+    return torch.get_rng_state()
+
+
+def _set_rng_state_cpu(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    """Replaces random.py ``_set_cuda_rng_state`` (l.134)."""
+    torch.set_rng_state(new_state)
+
+
+_REPLACEMENTS: list[tuple[str, str, Callable]] = [
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu),
+    # optimizer.py imports the function by name, so its reference is replaced too.
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu),
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _get_rng_state_cpu),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _set_rng_state_cpu),
+]
+
+
+def _resolve(module_name: str, path: str) -> tuple[Any, str]:
+    owner: Any = importlib.import_module(module_name)
+    *parents, attr = path.split(".")
+    for name in parents:
+        owner = getattr(owner, name)
+    return owner, attr
+
+
+def apply_cpu_redirects(force: bool = False) -> bool:
+    """Install the redirects once, if CUDA is absent (or ``force``).  Returns whether applied."""
+    global _applied
+    if _applied:
+        return True
+    if torch.cuda.is_available() and not force:
+        return False
+    for module_name, path, _lines in _SITES:
+        owner, attr = _resolve(module_name, path)
+        original = getattr(owner, attr)
+        if not getattr(original, "__joyai_cpu_redirect__", False):
+            setattr(owner, attr, _redirected(original))
+    for module_name, path, replacement in _REPLACEMENTS:
+        owner, attr = _resolve(module_name, path)
+        if not hasattr(owner, attr):
+            raise RuntimeError(f"compat: {module_name}.{path} is gone; update joyai_megatron/compat")
+        setattr(owner, attr, replacement)
+    _applied = True
+    return True
+
+
+def redirect_sites() -> list[tuple[str, str, str]]:
+    """The patched upstream functions, for tests and docs."""
+    return list(_SITES)

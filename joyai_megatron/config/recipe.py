@@ -1,0 +1,98 @@
+"""Loading recipes: YAML that extends a base, ``key=value`` overrides, and strict key checking."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from joyai_megatron.config.schema import Recipe
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and key."""
+
+
+def _known_keys(node: Any) -> set[str]:
+    return {f.name for f in fields(node)} if is_dataclass(node) else set()
+
+
+def _check_keys(data: Any, schema: Any, where: str, path: str = "") -> None:
+    """Raise on keys the schema lacks, suggesting the closest valid one."""
+    if not isinstance(data, dict) or not is_dataclass(schema):
+        return
+    known = _known_keys(schema)
+    for key, value in data.items():
+        dotted = f"{path}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean '{path}{close[0]}'?" if close else f"; valid keys: {sorted(known)}"
+            raise RecipeError(f"{where}: unknown recipe key '{dotted}'{hint}")
+        child = getattr(schema, key)
+        if is_dataclass(child):
+            if value is not None and not isinstance(value, dict):
+                raise RecipeError(f"{where}: '{dotted}' must be a mapping, got {value!r}")
+            _check_keys(value, child, where, dotted + ".")
+
+
+def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"{path}: recipe base chain loops: {' -> '.join(map(str, seen + (path,)))}")
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping")
+    _check_keys(raw, Recipe(), str(path))
+    base = raw.pop("base", None)
+    node = OmegaConf.create(raw)
+    if base:
+        parent = _load_yaml_chain((path.parent / base), seen + (path,))
+        node = OmegaConf.merge(parent, node)
+    return node
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """``a.b=1`` strings -> a config; the values are parsed as YAML (numbers, lists, null)."""
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise RecipeError(f"overrides must look like key=value, got {bad}")
+    dotlist = OmegaConf.from_dotlist(overrides)
+    _check_keys(OmegaConf.to_container(dotlist), Recipe(), "command line")
+    return dotlist
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Resolve a recipe file, its bases and the overrides into a typed ``Recipe``."""
+    merged = OmegaConf.merge(
+        OmegaConf.structured(Recipe), _load_yaml_chain(Path(path)), parse_overrides(overrides or [])
+    )
+    merged.base = None
+    try:
+        recipe = OmegaConf.to_object(merged)
+    except Exception as err:  # omegaconf type errors name the key
+        raise RecipeError(f"{path}: {err}") from err
+    assert isinstance(recipe, Recipe)
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def save_resolved_recipe(recipe: Recipe, directory: str | os.PathLike) -> Path:
+    """Write ``recipe.yaml`` atomically, so a checkpoint always carries how it was made."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "recipe.yaml"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".recipe.", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        f.write(recipe_to_yaml(recipe))
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,207 @@
+"""The recipe schema: every key a recipe may set, with its default.
+
+Recipes are YAML merged onto these dataclasses with omegaconf, so a typo is an error rather than a
+silently ignored setting.  Stage-specific sections (``sft``, ``dpo``, ``rl``, ``qat``) live here
+too, so one resolved recipe describes any run and is saved beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelCfg:
+    preset: str = "tiny"
+    arch: dict[str, Any] = field(default_factory=dict)  # overrides of ModelArch fields
+    backend: str = "local"  # te | local
+    mtp_enabled: bool = True
+    mtp_loss_weight: float = 0.1
+    moe_token_dispatcher: str = "allgather"  # allgather | alltoall | flex
+    moe_grouped_gemm: bool = False
+    moe_load_balancing: str = "none"  # none (aux-loss-free bias only) | seq_aux_loss | aux_loss
+    moe_aux_loss_coeff: float = 0.0
+    moe_bias_update_rate: float = 1e-3
+    moe_router_padding_for_fp8: bool = False
+    recompute: str = "none"  # none | selective | full
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    recompute_num_layers: int = 1
+    qk_clip: bool = False
+    qk_clip_threshold: float = 100.0
+    qk_clip_alpha: float = 0.5
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+
+@dataclass
+class ParallelCfg:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1  # expert tensor parallel
+    cp: int = 1
+    sequence_parallel: bool = False
+    pp_layout: str | None = None  # e.g. "Et|(tt|)*19mL"
+    vpp: int | None = None
+    distributed_optimizer: bool = True  # ZeRO-1 (layer-wise for Muon)
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+@dataclass
+class PrecisionCfg:
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    fp8: str | None = None  # e4m3 | hybrid
+    fp8_recipe: str = "blockwise"  # blockwise | tensorwise | delayed | mxfp8
+    fp8_param_gather: bool = False
+
+
+@dataclass
+class TrainCfg:
+    seq_length: int = 128
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    # [start_global_batch, increment, ramp_samples]: Megatron's --rampup-batch-size
+    rampup_batch_size: list[int] | None = None
+    train_iters: int | None = None
+    train_tokens: int | None = None  # alternative to train_iters (counts consumed samples)
+    seed: int = 1234
+    eval_interval: int = 0  # 0 disables evaluation
+    eval_iters: int = 2
+    exit_duration_mins: float | None = None
+
+
+@dataclass
+class OptimCfg:
+    optimizer: str = "muon"  # muon | adam
+    lr: float = 4.2e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_num_ns_steps: int = 5
+    muon_scale_mode: str = "spectral"
+    muon_extra_scale_factor: float = 0.2
+    muon_split_qkv: bool = True
+    muon_tp_mode: str = "blockwise"
+
+
+@dataclass
+class SchedulerCfg:
+    # Lengths in tokens, because a batch-size ramp makes iterations a poor unit.
+    warmup_tokens: int = 0
+    decay_tokens: int | None = None  # defaults to the run's train length
+    decay_style: str = "cosine"  # constant | linear | cosine | inverse-square-root | WSD
+    wsd_decay_tokens: int | None = None
+    wsd_decay_style: str = "cosine"
+    warmup_init_lr: float = 0.0
+
+
+@dataclass
+class DataCfg:
+    tokenizer: str = ""  # directory with tokenizer.json (or an HF tokenizer directory)
+    blend: str | None = None  # YAML of weighted datasets (data_prep blend format)
+    paths: list[str] = field(default_factory=list)  # IndexedDataset prefixes, equal weights
+    split: str = "98,2,0"
+    mock: bool = False  # Megatron's MockGPTDataset: shapes only, for smoke and planning
+    cache_dir: str | None = None
+    reset_position_ids: bool = True
+    reset_attention_mask: bool = True  # per-document attention inside a packed sequence
+    eod_mask_loss: bool = False
+    num_workers: int = 0
+    sft_path: str | None = None  # packed SFT data (data_prep sft)
+    dpo_path: str | None = None  # tokenized preference pairs (data_prep dpo)
+    rl_path: str | None = None  # prompts with answers (data_prep rl)
+
+
+@dataclass
+class CheckpointCfg:
+    dir: str = "runs/default/checkpoints"
+    save_interval: int = 0  # 0: only at the end and on signals
+    keep_last: int = 2
+    load: str | None = None  # initial weights when dir has no checkpoint (previous stage / import)
+    load_optimizer: bool = True  # with load: also take optimizer state and counters
+    reset_counters: bool = False  # with load: start iteration, scheduler and data at zero
+    allow_missing: list[str] = field(default_factory=list)  # key substrings absent in load
+    async_save: bool = False  # GPU only
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+
+
+@dataclass
+class LoggingCfg:
+    dir: str = "runs/default/logs"
+    interval: int = 10
+    tensorboard: bool = True
+    wandb_project: str | None = None  # offline unless WANDB_API_KEY is set
+    wandb_name: str | None = None
+
+
+@dataclass
+class SFTCfg:
+    thinking_ratio: float | None = None  # None: keep the data's mix
+
+
+@dataclass
+class DPOCfg:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo
+    sft_loss_weight: float = 0.0
+    reference: str = "live"  # live | precomputed
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class RLCfg:
+    loss: str = "fiberpo"  # fiberpo | fiberpo_domain | grpo | gspo
+    delta: float = 1e-3
+    c_minus: float = 4e-4
+    eps: float = 0.2
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.28
+    kl_coef: float = 0.0
+    kl_type: str = "k3"
+    group_size: int = 8
+    prompts_per_step: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    normalize_std: bool = True
+    filter_zero_variance: bool = True
+    rollout_backend: str = "local"  # local | vllm | sglang
+    async_rollout: bool = False
+    tis_clip: float | None = None
+    routing_replay: bool = False
+    curriculum: bool = False
+    reward: str = "math"
+
+
+@dataclass
+class QATCfg:
+    format: str = "int4_w4a16"  # int4_w4a16 | w4afp8 | fp8
+    block_size: int = 128
+    calib_batches: int = 4
+
+
+@dataclass
+class Recipe:
+    base: str | None = None  # path of the recipe this one extends (resolved at load time)
+    name: str = "unnamed"
+    stage: str = "pretrain"
+    model: ModelCfg = field(default_factory=ModelCfg)
+    parallel: ParallelCfg = field(default_factory=ParallelCfg)
+    precision: PrecisionCfg = field(default_factory=PrecisionCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    scheduler: SchedulerCfg = field(default_factory=SchedulerCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    logging: LoggingCfg = field(default_factory=LoggingCfg)
+    sft: SFTCfg = field(default_factory=SFTCfg)
+    dpo: DPOCfg = field(default_factory=DPOCfg)
+    rl: RLCfg = field(default_factory=RLCfg)
+    qat: QATCfg = field(default_factory=QATCfg)

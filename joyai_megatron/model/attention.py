@@ -1,0 +1,116 @@
+"""Core attention for the ``local`` backend (CPU and GPUs without Transformer Engine).
+
+Megatron-Core's own ``DotProductAttention`` cannot serve MLA: it assumes one head dim for q, k and
+v (MLA has 192 for q/k and 128 for v), rejects packed (THD) sequences and does not accept the
+``k_channels``/``v_channels`` arguments MLA passes.  This module runs PyTorch's
+``scaled_dot_product_attention`` instead, which handles unequal head dims, and turns packed
+sequences or per-document masks into one boolean mask so documents never attend to each other.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total, total] bool mask, True where attention is allowed: causal within each segment."""
+    seg = torch.zeros(total, dtype=torch.long, device=cu_seqlens.device)
+    boundaries = cu_seqlens[1:-1].long()
+    boundaries = boundaries[boundaries < total]
+    seg.index_add_(0, boundaries, torch.ones_like(boundaries))
+    seg = seg.cumsum(0)
+    same = seg[:, None] == seg[None, :]
+    causal = torch.ones(total, total, dtype=torch.bool, device=cu_seqlens.device).tril()
+    return same & causal
+
+
+class SDPACoreAttention(MegatronModule):
+    """``softmax(q k^T * scale + mask) v`` with q/k and v head dims that may differ.
+
+    Accepts Megatron's ``sbhd`` layout ([s, b, heads, dim]) with an optional boolean
+    ``attention_mask`` where True means *masked out* (Megatron's convention), and the packed ``thd``
+    layout ([tokens, heads, dim]) with ``PackedSeqParams.cu_seqlens_q``.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: object | None = None,
+    ) -> None:
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError(
+                "context parallelism needs Transformer Engine attention: use model.backend=te "
+                f"(context_parallel_size={config.context_parallel_size})"
+            )
+        self.attn_mask_type = attn_mask_type
+        k_channels = k_channels or config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else k_channels**-0.5
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        # Read by MLA's qk-clip (MuonClip) after each optimizer step.
+        self.current_max_attn_logits: torch.Tensor | None = None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by the local core attention")
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            allowed = block_causal_mask(packed_seq_params.cu_seqlens_q, query.shape[0])
+            # [t, h, d] -> [1, h, t, d]
+            q, k, v = (x.unsqueeze(0).transpose(1, 2) for x in (query, key, value))
+            out = self._attend(q, k, v, allowed[None, None])
+            return out.squeeze(0).transpose(0, 1).contiguous()  # [t, h, dv]
+
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        if k.shape[1] != q.shape[1]:  # grouped-query attention
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        s_q, s_k = q.shape[2], k.shape[2]
+        allowed = torch.ones(s_q, s_k, dtype=torch.bool, device=q.device).tril(s_k - s_q)
+        allowed = allowed[None, None]
+        if attention_mask is not None:
+            allowed = allowed & ~attention_mask.bool()
+        out = self._attend(q, k, v, allowed)
+        b, h, s, dv = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * dv)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+    ) -> torch.Tensor:
+        if self.config.qk_clip:
+            with torch.no_grad():
+                logits = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
+                logits = logits.masked_fill(~allowed, float("-inf"))
+                per_head = logits.amax(dim=(0, 2, 3))
+            prev = self.current_max_attn_logits
+            self.current_max_attn_logits = per_head if prev is None else torch.maximum(prev, per_head)
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=allowed,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=self.softmax_scale,
+        )

@@ -1,0 +1,41 @@
+"""Build the JoyAI GPTModel (MLA + MoE + dense MTP) from a recipe."""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from joyai_megatron.model.presets import ModelArch
+from joyai_megatron.model.spec import decoder_block_spec, mtp_block_spec
+
+
+def build_joyai_model(
+    config: TransformerConfig,
+    arch: ModelArch,
+    backend: str,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+    max_sequence_length: int | None = None,
+) -> GPTModel:
+    """One pipeline chunk of the model: Megatron-Core's GPTModel on our layer and MTP specs.
+
+    Embeddings stay untied (JoyAI has a separate LM head); MLA applies its own rotary embedding,
+    so the GPTModel-level one is unused.
+    """
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, backend, vp_stage=vp_stage, pp_rank=pp_rank),
+        vocab_size=arch.vocab_size,
+        max_sequence_length=max_sequence_length or arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rotary_base),
+        mtp_block_spec=mtp_block_spec(config, backend, vp_stage=vp_stage, pp_rank=pp_rank),
+        vp_stage=vp_stage,
+        pg_collection=None,
+    )

@@ -1,0 +1,81 @@
+"""Layer specs for the two backends, and JoyAI's dense MTP block.
+
+``te``: Transformer Engine linears and fused attention, grouped-GEMM experts, FP8-ready (the
+production path).  ``local``: pure PyTorch (Megatron-Core's own linears, sequential experts, our
+SDPA core attention), which runs on CPU and on GPUs without TE.  Neither path imports Transformer
+Engine unless ``te`` is asked for.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_decoder_layer_specs,
+    get_gpt_mtp_block_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from joyai_megatron.model.attention import SDPACoreAttention
+
+
+def require_transformer_engine() -> None:
+    if importlib.util.find_spec("transformer_engine") is None:
+        raise RuntimeError(
+            "model.backend=te needs Transformer Engine, which is not installed here. Run inside the "
+            "NGC PyTorch container (see docs/install.md), install requirements-gpu.txt on a GPU "
+            "machine, or use model.backend=local (CPU and debugging)."
+        )
+
+
+def _with_local_attention(spec: ModuleSpec) -> ModuleSpec:
+    spec = copy.deepcopy(spec)
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def decoder_block_spec(
+    config: TransformerConfig, backend: str, vp_stage: int | None = None, pp_rank: int | None = None
+) -> TransformerBlockSubmodules:
+    """Per-layer specs for the layers this pipeline rank builds (dense layer 0, then MoE)."""
+    use_te = backend == "te"
+    if use_te:
+        require_transformer_engine()
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
+    )
+    if not use_te:
+        block.layer_specs = [_with_local_attention(s) for s in block.layer_specs]
+    return block
+
+
+def dense_layer_spec(config: TransformerConfig, backend: str) -> ModuleSpec:
+    """The spec of a dense (non-MoE) transformer layer: JoyAI's MTP block uses it."""
+    use_te = backend == "te"
+    dense_config = copy.copy(config)
+    dense_config.moe_layer_freq = [0] * config.num_layers
+    spec = get_gpt_decoder_layer_specs(dense_config, use_transformer_engine=use_te, normalization="RMSNorm")[0]
+    return spec if use_te else _with_local_attention(spec)
+
+
+def mtp_block_spec(
+    config: TransformerConfig, backend: str, vp_stage: int | None = None, pp_rank: int | None = None
+):
+    """JoyAI's dense MTP: eh_proj + one transformer layer whose FFN is the dense SwiGLU.
+
+    Megatron-Core's default MTP reuses the decoder's last layer spec (an MoE layer for
+    DeepSeek-V3); passing the dense layer spec instead gives JoyAI's 7168-wide dense FFN.
+    """
+    if not config.mtp_num_layers:
+        return None
+    return get_gpt_mtp_block_spec(
+        config,
+        dense_layer_spec(config, backend),
+        use_transformer_engine=backend == "te",
+        vp_stage=vp_stage,
+        pp_rank=pp_rank,
+    )
