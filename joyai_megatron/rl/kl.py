@@ -1,0 +1,54 @@
+"""Per-token KL estimators to a frozen reference policy (Schulman's k1 and k3).
+
+Both estimate KL(pi_theta || pi_ref) from samples of pi_theta with x = log pi_ref - log pi_theta:
+k1 = -x is unbiased but can be negative and has high variance; k3 = exp(x) - x - 1 is non-negative
+and low-variance (the "low_var_kl" of verl, the default of TRL and NeMo-RL).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from joyai_megatron.rl.aggregation import compute_dtype, seq_mean_token_mean
+
+KLEstimator = Literal["k1", "k3"]
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
+    """Per-token KL estimate, differentiable through `logprobs` only."""
+    dtype = compute_dtype(logprobs)
+    log_ref_ratio = ref_logprobs.detach().to(dtype) - logprobs.to(dtype)
+    if estimator == "k1":
+        return -log_ref_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ref_ratio) - log_ref_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1' or 'k3'")
+
+
+def kl_penalty(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    mask: torch.Tensor,
+    *,
+    coef: float,
+    estimator: KLEstimator,
+    num_sequences: float | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """coef * seq-mean-token-mean KL (the term added to the loss) and the unscaled KL for logging.
+
+    Returns (0, None) when the penalty is off (coef == 0), so no reference forward is needed.
+    """
+    if coef == 0.0:
+        return logprobs.new_zeros((), dtype=compute_dtype(logprobs)), None
+    if ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs")
+    if ref_logprobs.shape != logprobs.shape:
+        raise ValueError(f"ref_logprobs shape {tuple(ref_logprobs.shape)} != {tuple(logprobs.shape)}")
+    zeros = torch.zeros_like(logprobs, dtype=compute_dtype(logprobs))
+    policy = torch.where(mask, logprobs.to(zeros.dtype), zeros)
+    ref = torch.where(mask, ref_logprobs.to(zeros.dtype), zeros)
+    per_token = kl_estimate(policy, ref, estimator)
+    kl = seq_mean_token_mean(per_token, mask, num_sequences)
+    return coef * kl, kl.detach()
