@@ -26,6 +26,8 @@ multiplicatively, each on the drift its level adds to its parent's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from joyai_megatron.rl.aggregation import (
@@ -39,6 +41,7 @@ from joyai_megatron.rl.fiberpo import (
     DEFAULT_C_MINUS,
     DEFAULT_DELTA,
     DEFAULT_EPS,
+    FiberResidual,
     base_gate,
     channel_budgets,
     check_eps,
@@ -78,6 +81,56 @@ def _node_mean(
     return sums / counts.clamp(min=1.0)
 
 
+@dataclass(frozen=True)
+class DomainWeights:
+    """log G of FiberPO-Domain with its base part and each level's gate regime per sequence."""
+
+    log_weight: torch.Tensor  # [batch, T]
+    log_base: torch.Tensor  # [batch] log(w_domain * w_group|domain * w_trajectory|group)
+    regimes: dict[str, torch.Tensor]  # "{domain,group,traj}_{pos,neg}" -> [batch] GateRegime
+    fiber: FiberResidual
+
+
+def fiberpo_domain_log_weights(
+    log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    domain_ids: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    budgets: dict[str, tuple[float, float]],
+    eps: float,
+) -> DomainWeights:
+    """log G_i for masked log ratios; `budgets` maps "domain", "group", "traj" to (C+, C-)."""
+    batch = log_ratio.shape[0]
+    d_idx, num_domains = _node_index(domain_ids, batch, "domain_ids")
+    p_idx, num_groups = _node_index(group_ids, batch, "group_ids")
+    domain_of_group = _parent_of(p_idx, d_idx, num_groups)
+    t_counts = token_counts(mask, log_ratio.dtype)
+    p_counts = t_counts.new_zeros(num_groups).index_add(0, p_idx, t_counts)
+    d_counts = t_counts.new_zeros(num_domains).index_add(0, d_idx, t_counts)
+
+    channel_log_weight, trajectory_channels, regimes = [], [], {}
+    # channel 0 is "+" (budgets C+), channel 1 is "-" (budgets C-)
+    for which, (name, part) in enumerate(zip(("pos", "neg"), sign_split(log_ratio, mask), strict=True)):
+        per_seq = part.sum(dim=-1)
+        traj = per_seq / t_counts.clamp(min=1.0)
+        group = _node_mean(per_seq, p_idx, num_groups, p_counts)
+        domain = _node_mean(per_seq, d_idx, num_domains, d_counts)
+        dom_g, dom_r = base_gate(domain, budgets["domain"][which], d_counts.clamp(min=1.0))
+        grp_g, grp_r = base_gate(
+            group - domain[domain_of_group], budgets["group"][which], p_counts.clamp(min=1.0)
+        )
+        trj_g, trj_r = base_gate(traj - group[p_idx], budgets["traj"][which], t_counts.clamp(min=1.0))
+        channel_log_weight.append(dom_g[d_idx] + grp_g[p_idx] + trj_g)
+        trajectory_channels.append(traj)
+        regimes |= {f"domain_{name}": dom_r[d_idx], f"group_{name}": grp_r[p_idx], f"traj_{name}": trj_r}
+
+    log_base = channel_log_weight[0] - channel_log_weight[1]
+    fiber = fiber_residual(log_ratio, mask, trajectory_channels[0], trajectory_channels[1], eps)
+    log_weight = torch.where(mask, log_base[:, None] + fiber.log_fiber, torch.zeros_like(log_ratio))
+    return DomainWeights(log_weight, log_base, regimes, fiber)
+
+
 def fiberpo_domain_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -103,8 +156,8 @@ def fiberpo_domain_loss(
     domain_ids, group_ids: integer [batch] labels (each group inside one domain). Each level has its
     own (delta, c_minus) pair, split into (C+, C-) as in FiberPO. Gate metrics are reported per
     level and channel as fractions of sequences: `{domain,group,traj}_{pos,neg}_{regime}_frac`.
-    Aggregates are over the sequences present in this call: pass a whole domain-grouped batch,
-    since a node split across calls would be gated on a partial aggregate.
+    Aggregates are over the sequences present in this call: pass whole domains and groups, since a
+    node split across calls would be gated on a partial aggregate.
     """
     mask = check_token_inputs(logprobs, old_logprobs, response_mask)
     check_eps(eps)
@@ -113,39 +166,12 @@ def fiberpo_domain_loss(
         "group": channel_budgets(group_delta, group_c_minus),
         "traj": channel_budgets(delta, c_minus),
     }
-    batch = logprobs.shape[0]
-    d_idx, num_domains = _node_index(domain_ids, batch, "domain_ids")
-    p_idx, num_groups = _node_index(group_ids, batch, "group_ids")
-    domain_of_group = _parent_of(p_idx, d_idx, num_groups)
-
     log_ratio = masked_log_ratio(logprobs, old_logprobs, mask)
     adv = token_advantages(advantages, mask, log_ratio.dtype)
-    t_counts = token_counts(mask, log_ratio.dtype)
-    p_counts = t_counts.new_zeros(num_groups).index_add(0, p_idx, t_counts)
-    d_counts = t_counts.new_zeros(num_domains).index_add(0, d_idx, t_counts)
-
-    channel_log_weight, trajectory_channels, regimes = [], [], {}
-    # channel 0 is "+" (budgets C+), channel 1 is "-" (budgets C-)
-    for which, (name, part) in enumerate(zip(("pos", "neg"), sign_split(log_ratio, mask), strict=True)):
-        per_seq = part.sum(dim=-1)
-        traj = per_seq / t_counts.clamp(min=1.0)
-        group = _node_mean(per_seq, p_idx, num_groups, p_counts)
-        domain = _node_mean(per_seq, d_idx, num_domains, d_counts)
-        dom_g, dom_r = base_gate(domain, budgets["domain"][which], d_counts.clamp(min=1.0))
-        grp_g, grp_r = base_gate(
-            group - domain[domain_of_group], budgets["group"][which], p_counts.clamp(min=1.0)
-        )
-        trj_g, trj_r = base_gate(traj - group[p_idx], budgets["traj"][which], t_counts.clamp(min=1.0))
-        channel_log_weight.append(dom_g[d_idx] + grp_g[p_idx] + trj_g)
-        trajectory_channels.append(traj)
-        regimes |= {f"domain_{name}": dom_r[d_idx], f"group_{name}": grp_r[p_idx], f"traj_{name}": trj_r}
-
-    log_base = channel_log_weight[0] - channel_log_weight[1]
-    fiber = fiber_residual(log_ratio, mask, trajectory_channels[0], trajectory_channels[1], eps)
-    log_weight = torch.where(mask, log_base[:, None] + fiber.log_fiber, torch.zeros_like(log_ratio))
+    weights = fiberpo_domain_log_weights(log_ratio, mask, domain_ids, group_ids, budgets=budgets, eps=eps)
     loss, metrics = weighted_pg_loss(
         logprobs,
-        log_weight,
+        weights.log_weight,
         adv,
         mask,
         ref_logprobs=ref_logprobs,
@@ -154,10 +180,10 @@ def fiberpo_domain_loss(
         num_sequences=num_sequences,
     )
     with torch.no_grad():
-        valid = t_counts > 0
+        valid = token_counts(mask) > 0
         metrics |= ratio_metrics(log_ratio, mask)
-        metrics["base_weight_mean"] = (log_base.exp() * valid).sum() / valid.sum().clamp(min=1)
-        for key, regime in regimes.items():
+        metrics["base_weight_mean"] = (weights.log_base.exp() * valid).sum() / valid.sum().clamp(min=1)
+        for key, regime in weights.regimes.items():
             metrics |= gate_fractions(key, regime, valid)
-        metrics |= fiber_clip_fractions(fiber, mask)
+        metrics |= fiber_clip_fractions(weights.fiber, mask)
     return loss, metrics
