@@ -1,0 +1,145 @@
+"""``python -m data_prep <subcommand>``: argument parsing and error reporting only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from data_prep.errors import BadRecord, DataPrepError
+
+
+def _common(parser: argparse.ArgumentParser, needs_seq: bool = False) -> None:
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="files or globs (JSONL, .gz, .zst, Parquet)"
+    )
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.json or a directory holding one")
+    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail")
+    parser.add_argument("--engine", choices=("auto", "gigatoken", "hf"), default="auto")
+    if needs_seq:
+        parser.add_argument("--seq-length", type=int, default=4096)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="documents -> Megatron IndexedDataset (.bin/.idx)")
+    _common(p)
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--max-doc-bytes", type=int, default=64 << 20)
+    p.add_argument("--eod-token", help="default: tokenizer_config.json's eos_token, else <|end_of_text|>")
+    p.add_argument(
+        "--verify-docs", type=int, default=16, help="docs per shard re-checked against HF tokenizers"
+    )
+    p.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("train-tokenizer", help="train the small byte-level BPE demo tokenizer")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--output", required=True, help="directory for tokenizer.json + tokenizer_config.json")
+    p.add_argument("--vocab-size", type=int, default=8192)
+
+    p = sub.add_parser("make-corpus", help="write the CPython-docs corpus and synthetic SFT/DPO/RL sets")
+    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=1234)
+
+    p = sub.add_parser("sft", help="chat messages -> packed Parquet with assistant masks")
+    _common(p, needs_seq=True)
+    p.add_argument("--output", required=True, help="output .parquet")
+
+    p = sub.add_parser("dpo", help="preference pairs -> tokenized Parquet")
+    _common(p, needs_seq=True)
+    p.add_argument("--output", required=True, help="output .parquet")
+
+    p = sub.add_parser("rl", help="prompts + answers -> rendered, tokenized JSONL")
+    _common(p)
+    p.add_argument("--output", required=True, help="output .jsonl")
+    p.add_argument("--default-verifier", help="for records without 'verifier'")
+    p.add_argument("--default-domain", help="for records without 'domain'")
+    p.add_argument("--no-thinking", action="store_true", help="render prompts in non-thinking mode")
+
+    p = sub.add_parser("blend", help="validate a blend YAML and print Megatron's --data-path")
+    p.add_argument("path")
+
+    p = sub.add_parser("demo", help="build every demo artifact under one directory")
+    p.add_argument("--output", required=True)
+    p.add_argument("--seq-length", type=int, default=512)
+    p.add_argument("--workers", type=int, default=1)
+    return parser
+
+
+def run(args: argparse.Namespace) -> object:
+    """Dispatch one parsed command; returns what to print as JSON."""
+    if args.command == "pretrain":
+        from data_prep.pretrain import PretrainConfig, run_pretrain
+
+        return run_pretrain(
+            PretrainConfig(
+                inputs=args.input,
+                tokenizer=args.tokenizer,
+                output_prefix=args.output_prefix,
+                text_key=args.text_key,
+                workers=args.workers,
+                engine=args.engine,
+                on_error=args.on_error,
+                max_doc_bytes=args.max_doc_bytes,
+                eod_token=args.eod_token,
+                verify_docs=args.verify_docs,
+                keep_shards=args.keep_shards,
+                progress=not args.no_progress,
+            )
+        )
+    if args.command == "train-tokenizer":
+        from data_prep.train_tokenizer import train_tokenizer
+
+        return {"tokenizer": str(train_tokenizer(args.input, args.output, args.vocab_size))}
+    if args.command == "make-corpus":
+        from data_prep.demo import make_corpus
+
+        return {"files": [str(p) for p in make_corpus(Path(args.output), args.seed)]}
+    if args.command in ("sft", "dpo"):
+        from data_prep.dpo import prepare_dpo
+        from data_prep.sft import prepare_sft
+
+        prepare = prepare_sft if args.command == "sft" else prepare_dpo
+        return prepare(args.input, args.tokenizer, args.output, args.seq_length, args.on_error, args.engine)
+    if args.command == "rl":
+        from data_prep.rl import prepare_rl
+
+        return prepare_rl(
+            args.input,
+            args.tokenizer,
+            args.output,
+            args.default_verifier,
+            args.default_domain,
+            not args.no_thinking,
+            args.on_error,
+            args.engine,
+        )
+    if args.command == "blend":
+        from data_prep.blend import data_path_args, load_blend
+
+        prefixes, weights = load_blend(args.path)
+        return {"blend": [prefixes, weights], "data_path": data_path_args(prefixes, weights)}
+    from data_prep.demo import build_demo
+
+    return build_demo(Path(args.output), args.seq_length, args.workers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except BadRecord as err:
+        print(f"error: {err}\n(--on-error skip counts and drops such records)", file=sys.stderr)
+        return 1
+    except (DataPrepError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0
