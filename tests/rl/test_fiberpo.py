@@ -311,3 +311,13 @@ def test_bf16_inputs_are_computed_in_fp32():
     loss, metrics = fiberpo_loss(logprobs.detach().bfloat16().requires_grad_(), old.bfloat16(), adv, mask)
     assert loss.dtype == torch.float32
     assert metrics["ratio_mean"].dtype == torch.float32
+
+
+def test_token_weight_stays_within_two_eps_of_the_trajectory_weight():
+    """|log G_i - log w_base| <= 2 eps whatever the drift: the residual cannot outvote the base."""
+    _, _, _, mask = _batch(13)
+    rho = torch.where(mask, torch.randn(mask.shape, dtype=torch.float64), 0.0)  # |rho| ~ 1: far off-policy
+    for eps in (1e-4, 0.05):
+        weights = _weights(rho, mask, delta=7e-4, c_minus=3e-4, eps=eps)
+        deviation = (weights.log_weight - weights.log_base[:, None])[mask].abs()
+        assert deviation.max() <= 2 * eps + 1e-15
