@@ -17,7 +17,7 @@ pi_old are data. Consequences, each tested:
   the Jacobian is the identity and at r = 1 the gradient is the plain policy gradient.
 - In pass-through every token gets d log w_base / d rho_j = +1/T. In the rollback band dg/dx = -T,
   so each token of the rolled-back channel gets d log w_base / d rho_j = -1 instead (for the
-  negative channel via d log s- / d rho_j = -1/T and the minus sign of Eq. 2). For the advantage
+  negative channel via d log s- / d rho_j = -1/T and the minus sign in front of g(log s-)). For the advantage
   sign that drove the channel out (A > 0 pushes rho up, A < 0 down), gradient ascent on J now
   moves those tokens back toward the budget: the restoring gradient. The value is continuous at
   both band edges (C at |x| = C, 0 at (1 + 1/T)C).
@@ -81,8 +81,8 @@ def check_eps(eps: float) -> None:
 def channel_budgets(delta: float, c_minus: float) -> tuple[float, float]:
     """(C+, C-) = (delta - c_minus, c_minus), requiring 0 < C- < C+ as the paper does.
 
-    The negative channel gets the smaller budget: probability mass moving down on sampled tokens is
-    the side PPO-style objectives find hardest to keep stable (GSPO likewise clips lower < upper).
+    Like the asymmetric clips of DAPO (clip-higher) and GSPO (3e-4 below, 4e-4 above), this leaves
+    more room for raising sampled tokens' probabilities than for lowering them.
     `delta` may be `math.inf` (C+ = inf, the positive channel never gates).
     """
     if not (c_minus > 0 and math.isfinite(c_minus)):
@@ -102,7 +102,7 @@ def sign_split(log_ratio: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
 
 
 def base_gate(x: torch.Tensor, budget: float, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """g(x, C, n) of Eq. 3 and the branch taken (GateRegime codes, int8).
+    """The gate g(x, C, n) and the branch taken (GateRegime codes, int8).
 
     `n` is the number of tokens averaged into x (T for a trajectory), so the band is C/n wide: in
     terms of the summed drift n*x it is always exactly one budget wide, with slope -1.
@@ -132,7 +132,7 @@ def symmetric_clip(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Ten
 
 @dataclass(frozen=True)
 class FiberResidual:
-    """Token-level residual of Eq. 5: log r_fiber and the clip regime of its u and v terms."""
+    """The token-level residual: log r_fiber and the clip regime of its u and v terms."""
 
     log_fiber: torch.Tensor
     u_regime: torch.Tensor

@@ -6,10 +6,10 @@ the two properties FiberPO is built on survive (docs/fiberpo.md, "FiberPO-Domain
 Each channel c in {+, -} is aggregated at every level as a token mean, exactly like log s+/- of a
 trajectory but over all tokens of the node: A^c_D (domain), A^c_P (prompt group), A^c_tau. The
 trajectory's channel is split into telescoping residuals, one per level, and each is gated by the
-same g of Eq. 3 with its own budget and its node's token count n:
+same gate g as FiberPO with its own budget and its node's token count n:
 
     log w^c(tau) = g(A^c_D, C^c_D, n_D) + g(A^c_P - A^c_D, C^c_P, n_P) + g(A^c_tau - A^c_P, C^c_tau, T)
-    G_i = exp(log w^+ - log w^-) * r_fiber(i)          (r_fiber of Eq. 5 from the trajectory's A^c_tau)
+    G_i = exp(log w^+ - log w^-) * r_fiber(i)          (FiberPO's r_fiber, from the trajectory's A^c_tau)
 
 so G = w_domain * w_group|domain * w_trajectory|group * r_fiber: the gates compose
 multiplicatively, each on the drift its level adds to its parent's.

@@ -31,7 +31,7 @@ def _value_and_grad(fn, logprobs, *args, **kwargs):
 
 
 def grpo_reference(logprobs, old, adv, mask, eps_low, eps_high, dual_clip=None):
-    """DeepSeekMath Eq. 3 (without KL), one token at a time:
+    """DeepSeekMath's GRPO objective (without KL), one token at a time:
     J = (1/G) sum_i (1/|o_i|) sum_t min(r A, clip(r, 1-eps_low, 1+eps_high) A),
     and for A < 0 the dual clip max(., c A) of Ye et al. (2020)."""
     per_seq = []
@@ -51,7 +51,7 @@ def grpo_reference(logprobs, old, adv, mask, eps_low, eps_high, dual_clip=None):
 
 
 def gspo_reference(logprobs, old, adv, mask, eps_low, eps_high):
-    """GSPO Eq. 5-7: s_i = (pi(y_i|x) / pi_old(y_i|x))^(1/|y_i|),
+    """The GSPO paper's objective: s_i = (pi(y_i|x) / pi_old(y_i|x))^(1/|y_i|),
     J = (1/G) sum_i min(s_i A_i, clip(s_i, 1-eps_low, 1+eps_high) A_i)."""
     terms = []
     for i in range(logprobs.shape[0]):

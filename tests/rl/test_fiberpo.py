@@ -94,7 +94,8 @@ def test_unclipped_jacobian_is_identity_and_weight_is_ratio():
 
 
 def test_residual_form_equals_definition_without_clipping():
-    """Eq. 5 unclipped: log r_fiber(i) = log r_i - mean_t log r_t, computed here from Eq. 2."""
+    """Residual form unclipped = definition: log r_fiber(i) = log r_i - mean_t log r_t; the channel
+    aggregates and base are recomputed here from their definitions."""
     _, _, _, mask = _batch(4)
     rho = 0.1 * torch.randn(mask.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     rho = torch.where(mask, rho, 0.0)
