@@ -37,27 +37,48 @@ def _is_cuda_device(device: Any) -> bool:
     return isinstance(device, str) and device.startswith("cuda")
 
 
-def _cpu_factory(fn: Callable) -> Callable:
+def _redirect_factory(fn: Callable, target: str) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if _is_cuda_device(kwargs.get("device")):
-            kwargs["device"] = "cpu"
+            kwargs["device"] = target
         return fn(*args, **kwargs)
 
     return wrapper
 
 
+class _NullStream:
+    """Stands in for ``torch.cuda.current_stream()`` on the CPU, where work is synchronous."""
+
+    def wait_event(self, event: Any) -> None:
+        del event
+
+    def wait_stream(self, stream: Any) -> None:
+        del stream
+
+    def synchronize(self) -> None:
+        return None
+
+
+_NULL_STREAM = _NullStream()
+
+
 @contextlib.contextmanager
-def cuda_device_as_cpu() -> Iterator[None]:
-    """Inside this block, CUDA device requests build tensors on the CPU (re-entrant)."""
+def redirect_cuda_device(target: str = "cpu") -> Iterator[None]:
+    """Inside this block, CUDA device requests build tensors on ``target`` (re-entrant: an outer
+    block's target wins, so building on ``meta`` is not turned back into CPU by inner sites)."""
     global _depth
     with _lock:
         if _depth == 0:
             _saved["current_device"] = torch.cuda.current_device
-            torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+            torch.cuda.current_device = lambda: target  # type: ignore[assignment]
+            _saved["current_stream"] = torch.cuda.current_stream
+            torch.cuda.current_stream = lambda *a, **k: _NULL_STREAM  # type: ignore[assignment]
+            _saved["synchronize"] = torch.cuda.synchronize
+            torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
             for name in _FACTORIES:
                 _saved[name] = getattr(torch, name)
-                setattr(torch, name, _cpu_factory(_saved[name]))
+                setattr(torch, name, _redirect_factory(_saved[name], target))
         _depth += 1
     try:
         yield
@@ -66,8 +87,14 @@ def cuda_device_as_cpu() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 torch.cuda.current_device = _saved.pop("current_device")
+                torch.cuda.current_stream = _saved.pop("current_stream")
+                torch.cuda.synchronize = _saved.pop("synchronize")
                 for name in _FACTORIES:
                     setattr(torch, name, _saved.pop(name))
+
+
+def cuda_device_as_cpu() -> contextlib.AbstractContextManager[None]:
+    return redirect_cuda_device("cpu")
 
 
 def _redirected(fn: Callable) -> Callable:
@@ -91,17 +118,44 @@ _SITES: list[tuple[str, str, str]] = [
     ("megatron.core.transformer.moe.router", "Router.gating", "98-100"),
     ("megatron.core.transformer.moe.router", "TopKRouter.__init__", "184-247"),
     # multi_token_prediction.py l.374-378: MTP loss/accuracy trackers on the current device.
-    ("megatron.core.transformer.multi_token_prediction", "MTPLossLoggingHelper.save_metrics_to_tracker", "374-378"),
+    (
+        "megatron.core.transformer.multi_token_prediction",
+        "MTPLossLoggingHelper.save_metrics_to_tracker",
+        "374-378",
+    ),
     # optimizer.py l.1249: FP32Optimizer's `_scale = torch.tensor([1.0], device='cuda')`.
     ("megatron.core.optimizer.optimizer", "FP32Optimizer.__init__", "1249"),
     # optimizer.py l.315 (`has_grad_norm_group` flag) and l.1492 (ChainedOptimizer loss scale).
     ("megatron.core.optimizer.optimizer", "MegatronOptimizer.has_grad_norm_group", "315"),
     ("megatron.core.optimizer.optimizer", "ChainedOptimizer.get_loss_scale", "1492"),
+    # schedules.py l.749, l.1121, l.2292: `total_num_tokens = torch.zeros([], device="cuda")`, and
+    # the P2P receive buffers pipeline schedules allocate on the current device.
+    ("megatron.core.pipeline_parallel.schedules", "forward_backward_no_pipelining", "749"),
+    ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_with_interleaving", "1121"),
+    ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_without_interleaving", "2292"),
+    # param_and_grad_buffer.py l.1145-1186: DDP's parameter and gradient buffers; l.632
+    # `torch.cuda.current_stream()` when starting the gradient reduction.
+    ("megatron.core.distributed.param_and_grad_buffer", "_ParamAndGradBuffer.__init__", "1145-1186"),
+    ("megatron.core.distributed.param_and_grad_buffer", "_ParamAndGradBucketGroup.start_grad_sync", "632"),
+    # dist_checkpointing: filesystem_async.py l.248 and fully_parallel.py l.287-296
+    # `torch.cuda.synchronize()`, state_dict_saver.py l.204/252 and async_utils.py l.224 flags on
+    # the current device.  Wrapped at the package entry points the trainer calls.
+    ("megatron.core.dist_checkpointing", "save", "filesystem_async.py:248"),
+    ("megatron.core.dist_checkpointing", "load", "state_dict_saver.py:204"),
     # layer_wise_optimizer.py l.837: the same flag in the layer-wise (distributed Muon) optimizer.
-    ("megatron.core.optimizer.layer_wise_optimizer", "LayerWiseDistributedOptimizer.has_grad_norm_group", "837"),
+    (
+        "megatron.core.optimizer.layer_wise_optimizer",
+        "LayerWiseDistributedOptimizer.has_grad_norm_group",
+        "837",
+    ),
     # clip_grads.py l.96, l.108, l.112: norm accumulators with device='cuda'.
+    # optimizer.py and layer_wise_optimizer.py import these by name, so their references too.
     ("megatron.core.optimizer.clip_grads", "get_grad_norm_fp32", "96-112"),
     ("megatron.core.optimizer.clip_grads", "count_zeros_fp32", "231"),
+    ("megatron.core.optimizer.optimizer", "get_grad_norm_fp32", "96-112"),
+    ("megatron.core.optimizer.optimizer", "count_zeros_fp32", "231"),
+    ("megatron.core.optimizer.layer_wise_optimizer", "get_grad_norm_fp32", "96-112"),
+    ("megatron.core.optimizer.layer_wise_optimizer", "count_zeros_fp32", "231"),
 ]
 
 
@@ -134,7 +188,22 @@ def _set_rng_state_cpu(new_state: torch.Tensor, device: int = -1, graph_safe: bo
     torch.set_rng_state(new_state)
 
 
+def _tracker_add_cpu(self: Any, name: str, seed: int) -> None:
+    """Replaces random.py ``CudaRNGStatesTracker.add`` (l.285-308), which seeds through
+    ``torch.cuda.get_rng_state``/``manual_seed``: the same bookkeeping with a CPU generator state."""
+    self._is_initialized = True
+    if seed in self.seeds_:
+        raise ValueError(f"seed {seed} already exists")
+    self.seeds_.add(seed)
+    if name in self.states_:
+        raise ValueError(f"rng state {name} already exists")
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    self.states_[name] = generator.get_state()
+
+
 _REPLACEMENTS: list[tuple[str, str, Callable]] = [
+    ("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker.add", _tracker_add_cpu),
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu),
     # optimizer.py imports the function by name, so its reference is replaced too.
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu),

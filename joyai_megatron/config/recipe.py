@@ -46,7 +46,10 @@ def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise RecipeError(f"{path}: recipe base chain loops: {' -> '.join(map(str, seen + (path,)))}")
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    except Exception as err:  # YAML syntax, duplicate keys
+        raise RecipeError(f"{path}: cannot parse recipe: {err}") from err
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping")
     _check_keys(raw, Recipe(), str(path))

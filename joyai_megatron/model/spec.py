@@ -58,7 +58,9 @@ def dense_layer_spec(config: TransformerConfig, backend: str) -> ModuleSpec:
     use_te = backend == "te"
     dense_config = copy.copy(config)
     dense_config.moe_layer_freq = [0] * config.num_layers
-    spec = get_gpt_decoder_layer_specs(dense_config, use_transformer_engine=use_te, normalization="RMSNorm")[0]
+    spec = get_gpt_decoder_layer_specs(dense_config, use_transformer_engine=use_te, normalization="RMSNorm")[
+        0
+    ]
     return spec if use_te else _with_local_attention(spec)
 
 

@@ -1,0 +1,92 @@
+"""``python -m joyai_megatron <command>``: training stages, ``count`` and ``plan``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+
+# stage name -> (module, class); imported lazily so `count` and `plan` stay light.
+STAGES = {
+    "pretrain": ("joyai_megatron.stages.pretrain", "PretrainStage"),
+    "sft": ("joyai_megatron.stages.sft", "SFTStage"),
+    "dpo": ("joyai_megatron.stages.dpo", "DPOStage"),
+    "rl": ("joyai_megatron.stages.rl", "RLStage"),
+    "qat": ("joyai_megatron.stages.qat", "QATStage"),
+}
+
+
+def run_stage(stage: str, recipe_path: str, overrides: list[str]) -> dict:
+    """Load the recipe, run the stage on the shared trainer, and tear down process groups."""
+    from joyai_megatron.config.recipe import load_recipe
+    from joyai_megatron.training.distributed import shutdown
+
+    recipe = load_recipe(recipe_path, overrides)
+    if recipe.stage != stage:
+        raise SystemExit(f"{recipe_path}: recipe is for stage '{recipe.stage}', not '{stage}'")
+    module, cls = STAGES[stage]
+    try:
+        stage_cls = getattr(importlib.import_module(module), cls)
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"stage '{stage}' is not available in this checkout ({err})") from err
+    runner = getattr(stage_cls, "trainer_class", None)
+    if runner is None:
+        from joyai_megatron.training.trainer import Trainer
+
+        runner = Trainer
+    try:
+        return runner(recipe, stage_cls).train()
+    finally:
+        shutdown()
+
+
+def _count(args: argparse.Namespace) -> int:
+    from joyai_megatron.model.count import count_model
+    from joyai_megatron.model.presets import get_preset
+    from joyai_megatron.training.distributed import shutdown
+
+    try:
+        counts = count_model(get_preset(args.preset), seq_length=args.seq_length, mtp=not args.no_mtp)
+    finally:
+        shutdown()
+    print(json.dumps(dataclasses.asdict(counts), indent=2))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from joyai_megatron.training.plan import main as plan_main
+
+    return plan_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m joyai_megatron", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in STAGES:
+        p = sub.add_parser(name, help=f"run the {name} stage")
+        p.add_argument("recipe", help="recipe YAML")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.train_iters=10")
+    p = sub.add_parser("count", help="parameter and FLOP counts of a preset (built on the meta device)")
+    p.add_argument("preset")
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--no-mtp", action="store_true")
+    p = sub.add_parser("plan", help="per-GPU memory and step-time estimate for a recipe's layout")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    p.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "count":
+        return _count(args)
+    if args.command == "plan":
+        return _plan(args)
+    run_stage(args.command, args.recipe, args.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Muon (Moonlight recipe) or AdamW through Megatron-Core's optimizer factory.
+
+Megatron-Core 0.19 routes ``optimizer="muon"`` to the ``emerging-optimizers`` package and splits
+parameters itself: 2-D weights go to Muon, while embeddings, the output head and every non-2-D
+tensor (norms, router bias) go to the scalar optimizer (AdamW).  With
+``parallel.distributed_optimizer`` the Muon part becomes the layer-wise distributed optimizer
+(ZeRO-1 for Muon: each rank orthogonalises whole matrices it owns).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+from joyai_megatron.config.schema import OptimCfg, ParallelCfg, PrecisionCfg
+
+OPTIMIZERS = ("muon", "adam")
+
+
+def optimizer_config(optim: OptimCfg, parallel: ParallelCfg, precision: PrecisionCfg) -> OptimizerConfig:
+    """Moonlight's settings by default: Nesterov momentum 0.95, 5 Newton-Schulz steps, spectral
+    scale sqrt(max(rows, cols)) times 0.2 so AdamW's LR and weight decay carry over, wd 0.1."""
+    if optim.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optim.optimizer must be one of {OPTIMIZERS}, got {optim.optimizer!r}")
+    muon = optim.optimizer == "muon"
+    distributed = parallel.distributed_optimizer and torch.distributed.get_world_size() > 1
+    return OptimizerConfig(
+        optimizer=optim.optimizer,
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        decoupled_weight_decay=True,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=precision.dtype == "bf16",
+        fp16=precision.dtype == "fp16",
+        params_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.dtype, torch.float32),
+        use_distributed_optimizer=distributed and not muon,
+        use_layer_wise_distributed_optimizer=distributed and muon,
+        overlap_param_gather_with_optimizer_step=False,
+        muon_momentum=optim.muon_momentum,
+        muon_nesterov=optim.muon_nesterov,
+        muon_num_ns_steps=optim.muon_num_ns_steps,
+        muon_scale_mode=optim.muon_scale_mode,
+        muon_extra_scale_factor=optim.muon_extra_scale_factor,
+        muon_split_qkv=optim.muon_split_qkv,
+        muon_tp_mode=optim.muon_tp_mode,
+        muon_scalar_optimizer="adam",
+    )
+
+
+def build_optimizer(
+    optim: OptimCfg, parallel: ParallelCfg, precision: PrecisionCfg, model_chunks: list
+) -> MegatronOptimizer:
+    return get_megatron_optimizer(optimizer_config(optim, parallel, precision), model_chunks)
+
+
+def _leaf_optimizers(optimizer: MegatronOptimizer) -> list:
+    children = getattr(optimizer, "chained_optimizers", None)
+    if children is None:
+        return [optimizer]
+    return [leaf for child in children for leaf in _leaf_optimizers(child)]
+
+
+def parameter_split(optimizer: MegatronOptimizer, model_chunks: list) -> dict[str, list[str]]:
+    """Names of the parameters each underlying torch optimizer updates, keyed by its class name.
+
+    Used by tests and at start-up logging to show which tensors Muon orthogonalises.
+    """
+    names = {id(p): n for chunk in model_chunks for n, p in chunk.named_parameters()}
+    split: dict[str, list[str]] = {}
+    for leaf in _leaf_optimizers(optimizer):
+        inner = getattr(leaf, "optimizer", leaf)
+        key = type(inner).__name__
+        for group in inner.param_groups:
+            for p in group["params"]:
+                model_param = getattr(p, "_model_param", None)
+                name = names.get(id(p)) or (names.get(id(model_param)) if model_param is not None else None)
+                if name is None:
+                    name = _main_param_owner(leaf, p, names)
+                split.setdefault(key, []).append(name)
+    return split
+
+
+def _main_param_owner(leaf: object, param: torch.Tensor, names: dict[int, str]) -> str:
+    """Float16 optimizers keep fp32 copies; map a copy back to the model parameter's name."""
+    groups = getattr(leaf, "float16_groups", None)
+    copies = getattr(leaf, "fp32_from_float16_groups", None)
+    if groups and copies:
+        for model_group, copy_group in zip(groups, copies, strict=True):
+            for model_param, copy in zip(model_group, copy_group, strict=True):
+                if copy is param:
+                    return names.get(id(model_param), "<unnamed>")
+    return "<unnamed>"

@@ -1,0 +1,103 @@
+"""Pretraining: Megatron-Core GPTDataset blends, packed documents, next-token loss (+ dense MTP)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+from joyai_megatron.stages.base import Stage
+from joyai_megatron.training.distributed import current_device
+from joyai_megatron.training.packing import pack_batch
+from joyai_megatron.training.tokenizer import HFTokenizer
+
+
+def resolve_blend(data: Any) -> tuple[list[str], list[float] | None]:
+    """The recipe's ``data.blend`` YAML (via data_prep) or ``data.paths`` -> Megatron's blend."""
+    if data.blend:
+        from data_prep.blend import load_blend
+
+        return load_blend(data.blend)
+    if not data.paths:
+        raise ValueError("recipe sets neither data.blend nor data.paths (nor data.mock=true)")
+    for prefix in data.paths:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                raise FileNotFoundError(
+                    f"data.paths: {prefix + suffix} does not exist (run `python -m data_prep pretrain`)"
+                )
+    return list(data.paths), None
+
+
+def token_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Sum of masked per-token losses and the token count: Megatron-Core normalises by the total
+    count across micro-batches and data-parallel ranks (``calculate_per_token_loss``)."""
+    losses = output.float().reshape(-1)
+    mask = loss_mask.reshape(-1).float()
+    total = torch.sum(losses * mask)
+    count = mask.sum().to(torch.int)
+    return total, count, {"lm loss": torch.stack([total.detach(), count.detach().float()])}
+
+
+class PretrainStage(Stage):
+    name = "pretrain"
+
+    def build_datasets(self, train_samples: int, valid_samples: int) -> dict[str, Any]:
+        d, t = self.recipe.data, self.recipe.train
+        tokenizer = HFTokenizer(d.tokenizer) if d.tokenizer else None
+        if tokenizer is None and not d.mock:
+            raise ValueError("data.tokenizer must name a tokenizer directory (or set data.mock=true)")
+        config = GPTDatasetConfig(
+            random_seed=t.seed,
+            sequence_length=t.seq_length,
+            blend=None if d.mock else resolve_blend(d),
+            split=d.split,
+            path_to_cache=d.cache_dir,
+            tokenizer=tokenizer or _MockTokenizer(self.recipe),
+            reset_position_ids=d.reset_position_ids,
+            reset_attention_mask=d.reset_attention_mask,
+            eod_mask_loss=d.eod_mask_loss,
+            create_attention_mask=False,  # documents are separated through cu_seqlens instead
+            mid_level_dataset_surplus=0.005,
+        )
+        cls = MockGPTDataset if d.mock else GPTDataset
+        train, valid, _ = BlendedMegatronDatasetBuilder(
+            cls, [train_samples, max(valid_samples, 1), 0], lambda: True, config
+        ).build()
+        self.datasets = {"train": train, "valid": valid}
+        return self.datasets
+
+    def forward_step(self, data_iterator: Iterator, model: torch.nn.Module):
+        batch = next(data_iterator)
+        position_ids = batch["position_ids"]
+        if not self.recipe.data.reset_position_ids:
+            # One segment per row: positions never restart inside it.
+            position_ids = torch.arange(position_ids.shape[-1]).expand_as(position_ids)
+        packed = pack_batch(batch["tokens"], batch["labels"], batch["loss_mask"], position_ids)
+        packed = packed.to(current_device())
+        output = model(
+            packed.tokens,
+            packed.position_ids,
+            None,
+            labels=packed.labels,
+            loss_mask=packed.loss_mask,
+            packed_seq_params=packed.packed_seq_params,
+        )
+        return output, partial(token_loss, packed.loss_mask)
+
+
+class _MockTokenizer:
+    """What MockGPTDataset needs when no tokenizer is configured."""
+
+    def __init__(self, recipe: Any) -> None:
+        from joyai_megatron.model.presets import arch_from_dict
+
+        self.vocab_size = arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch}).vocab_size
+        self.eod = 1
+        self.pad = 1
+        self.unique_identifiers = {"class": type(self).__name__, "vocab_size": self.vocab_size}

@@ -1,0 +1,254 @@
+"""Atomic, resharding-capable checkpoints on Megatron ``dist_checkpointing`` (``torch_dist``).
+
+Layout of ``checkpoint.dir``::
+
+    iter_0000100/                       one complete checkpoint (model, optimizer, scheduler, RNG,
+        recipe.yaml, train_state.json   trainer and data state) plus the resolved recipe
+    latest_checkpointed_iteration.txt   the newest complete step, written last
+
+Every rank writes into ``iter_XXXXXXX.tmp``; only after all ranks finished does rank 0 rename it
+and then update the tracker file, so a kill at any moment leaves either the previous checkpoint
+or the new one, never a partial directory that resume would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from joyai_megatron.config.recipe import save_resolved_recipe
+from joyai_megatron.config.schema import Recipe
+
+TRACKER = "latest_checkpointed_iteration.txt"
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+# Resharding across TP/EP/PP needs the optimizer state stored in model space.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+@dataclass
+class TrainState:
+    """Counters restored on resume; together with the seed they fix the data position."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    stage: dict[str, Any] = field(default_factory=dict)
+
+
+def iter_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | os.PathLike) -> int | None:
+    """The newest *complete* checkpoint's step, from the tracker written after the rename."""
+    tracker = Path(root) / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
+    step = int(text)
+    if not iter_dir(root, step).is_dir():
+        raise FileNotFoundError(f"{tracker} names step {step} but {iter_dir(root, step)} is missing")
+    return step
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """Accept a checkpoint root (take its latest) or one ``iter_*`` directory."""
+    path = Path(path)
+    if _ITER_RE.match(path.name) and path.is_dir():
+        return path
+    step = latest_iteration(path)
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint under {path} (no {TRACKER})")
+    return iter_dir(path, step)
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {
+        "random": random.getstate(),
+        "np": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_sharded_object() -> ShardedObject:
+    """Per-rank RNG, keyed by (pp, tp, dp) so a different layout simply does not find it."""
+    pp = parallel_state.get_pipeline_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_rank()
+    dp = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    dp_size = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+    layout = f"pp{pp_size}_tp{tp_size}_dp{dp_size}_ep{parallel_state.get_expert_model_parallel_world_size()}"
+    return ShardedObject(
+        f"rng_state.{layout}", _rng_state(), (pp_size, tp_size, dp_size), (pp, tp, dp), replica_id=0
+    )
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers: checkpoints hold its names."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def model_sharded_state_dict(model: list) -> dict[str, Any]:
+    if len(model) == 1:
+        return {"model": unwrap(model[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
+
+
+def _full_sharded_state_dict(
+    model: list, optimizer: Any, scheduler: Any, is_loading: bool, with_optim: bool
+) -> dict:
+    state = model_sharded_state_dict(model)
+    if with_optim and optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+        )
+        state["scheduler"] = scheduler.state_dict()
+    state["rng_state"] = _rng_sharded_object()
+    return state
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    recipe: Recipe,
+    model: list,
+    optimizer: Any,
+    scheduler: Any,
+    train_state: TrainState,
+    keep_last: int,
+) -> Path:
+    """Collective: every rank calls it.  Returns the final ``iter_*`` directory."""
+    rank = dist.get_rank()
+    final = iter_dir(root, train_state.iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = _full_sharded_state_dict(model, optimizer, scheduler, is_loading=False, with_optim=True)
+    dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
+    dist.barrier()
+    if rank == 0:
+        save_resolved_recipe(recipe, tmp)
+        (tmp / "train_state.json").write_text(json.dumps(asdict(train_state), indent=1, default=str))
+        (tmp / "COMPLETE").write_text(str(train_state.iteration))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_tracker(Path(root), train_state.iteration)
+        _prune(Path(root), keep_last)
+    dist.barrier()
+    return final
+
+
+def _write_tracker(root: Path, iteration: int) -> None:
+    tmp = root / (TRACKER + ".tmp")
+    tmp.write_text(str(iteration))
+    os.replace(tmp, root / TRACKER)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Drop old checkpoints beyond keep_last and any temp directory a killed save left behind."""
+    for stale in root.glob("iter_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep_last <= 0:
+        return
+    done = sorted(p for p in root.iterdir() if _ITER_RE.match(p.name))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    path: Path,
+    model: list,
+    optimizer: Any,
+    scheduler: Any,
+    *,
+    with_optimizer: bool,
+    allow_missing: list[str],
+) -> TrainState | None:
+    """Load into the live model (any layout: dist_checkpointing reshards).
+
+    Returns the saved ``TrainState`` when optimizer/counters were loaded, else ``None``
+    (weights only: an import from Hugging Face, or a stage transition with reset counters).
+    """
+    has_optimizer = (path / "train_state.json").is_file() and with_optimizer
+    state = _full_sharded_state_dict(model, optimizer, scheduler, is_loading=True, with_optim=has_optimizer)
+    rng_key = state["rng_state"].key
+    saved_keys = _saved_keys(path)
+    if rng_key not in saved_keys:
+        del state["rng_state"]  # layout changed or weights-only import: keep the fresh RNG
+    if allow_missing:
+        _drop_missing(state, saved_keys, allow_missing)
+    loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    if len(model) == 1:
+        unwrap(model[0]).load_state_dict(loaded["model"], strict=not allow_missing)
+    else:
+        for i, chunk in enumerate(model):
+            unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=not allow_missing)
+    if "rng_state" in loaded:
+        _set_rng_state(loaded["rng_state"])
+    if not has_optimizer:
+        return None
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    return TrainState(**json.loads((path / "train_state.json").read_text()))
+
+
+def _saved_keys(path: Path) -> set[str]:
+    """Keys of every tensor and object stored in the checkpoint."""
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+
+    strategy = get_default_load_sharded_strategy(str(path))
+    return set(strategy.load_sharded_metadata(str(path)).keys())
+
+
+def _drop_missing(state: dict, saved: set[str], allow: list[str]) -> None:
+    """Remove model tensors the checkpoint lacks when their names match ``allow`` (e.g. 'mtp')."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    for top in [k for k in state if k.startswith("model")]:
+        sub = state[top]
+        for name in list(sub):
+            item = sub[name]
+            if isinstance(item, ShardedBase) and item.key not in saved and any(a in item.key for a in allow):
+                del sub[name]

@@ -1,0 +1,414 @@
+"""The one trainer core every stage runs on.
+
+Order of work: validate the layout (no process group yet) -> distributed init -> model chunks
+(PP/VPP) wrapped in Megatron-Core DDP -> Muon/AdamW -> schedule -> resume or initial load ->
+stage data -> loop (forward/backward through Megatron-Core's pipeline schedules, optimizer step,
+logging, evaluation, checkpoints, signals).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.num_microbatches_calculator import (
+    destroy_num_microbatches_calculator,
+    get_current_global_batch_size,
+    get_num_microbatches,
+    init_num_microbatches_calculator,
+    update_num_microbatches,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+from joyai_megatron.config.layout import validate_layout
+from joyai_megatron.config.recipe import save_resolved_recipe
+from joyai_megatron.config.schema import Recipe
+from joyai_megatron.model.build import build_joyai_model
+from joyai_megatron.model.config import build_transformer_config
+from joyai_megatron.model.count import flops_per_token
+from joyai_megatron.model.presets import ModelArch, arch_from_dict
+from joyai_megatron.model.spec import require_transformer_engine
+from joyai_megatron.optim.builder import build_optimizer
+from joyai_megatron.optim.schedule import build_scheduler, tokens_to_samples
+from joyai_megatron.stages.base import Stage
+from joyai_megatron.training import checkpoint as ckpt
+from joyai_megatron.training.distributed import init_distributed, init_model_parallel, read_dist_env, set_seed
+from joyai_megatron.training.metrics import MetricsLogger
+from joyai_megatron.training.signals import ExitSignalHandler
+
+
+def recipe_arch(recipe: Recipe) -> ModelArch:
+    return arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch})
+
+
+def ramp_schedule(total_iters: int, global_batch: int, rampup: list[int] | None) -> list[int]:
+    """Global batch size of every step under Megatron's linear ramp (start, increment, samples)."""
+    if not rampup:
+        return [global_batch] * total_iters
+    start, incr, ramp_samples = rampup
+    steps_per_incr = max((global_batch - start) // max(incr, 1), 1)
+    samples_per_incr = ramp_samples / steps_per_incr
+    sizes, consumed = [], 0
+    for _ in range(total_iters):
+        size = (
+            global_batch
+            if consumed > ramp_samples
+            else min(start + int(consumed / samples_per_incr) * incr, global_batch)
+        )
+        sizes.append(size)
+        consumed += size
+    return sizes
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, stage: type[Stage]) -> None:
+        self.recipe = recipe
+        self.arch = recipe_arch(recipe)
+        env = read_dist_env()
+        self.layout = validate_layout(recipe, self.arch, env.world_size)  # before any process group
+        if recipe.model.backend == "te":
+            require_transformer_engine()
+        self.env = init_distributed()
+        init_model_parallel(self.layout)
+        set_seed(recipe.train.seed)
+        t = recipe.train
+        destroy_num_microbatches_calculator()
+        init_num_microbatches_calculator(
+            self.env.rank, t.rampup_batch_size, t.global_batch_size, t.micro_batch_size, self.layout.dp, False
+        )
+        self.total_iters, self.train_samples = self._train_length()
+        self.config = build_transformer_config(self.arch, recipe.model, recipe.parallel, recipe.precision)
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(recipe.optim, recipe.parallel, recipe.precision, self.model)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            recipe.optim,
+            recipe.scheduler,
+            seq_length=t.seq_length,
+            train_samples=self.train_samples,
+        )
+        self._wire_config_hooks()
+        self.state = ckpt.TrainState()
+        self.stage = stage(recipe)
+        self.resumed_from = self._load()
+        update_num_microbatches(self.state.consumed_samples, consistency_check=False)
+        valid = (
+            t.eval_iters * t.global_batch_size * (self.total_iters // t.eval_interval + 2)
+            if t.eval_interval
+            else 0
+        )
+        self.stage.build_datasets(self.train_samples, valid)
+        self.stage.load_state_dict(self.state.stage)
+        self.stage.setup(self)
+        self.logger = MetricsLogger(recipe, self._is_log_rank(), self._flops_per_token(), self.env.world_size)
+        self.signals = ExitSignalHandler(recipe.checkpoint.exit_signals)
+        self.history: list[dict[str, float]] = []
+        self._expert_counts: list[torch.Tensor] = []
+
+    # --- construction -----------------------------------------------------------------------------
+    def _train_length(self) -> tuple[int, int]:
+        t = self.recipe.train
+        if (t.train_iters is None) == (t.train_tokens is None):
+            raise ValueError("set exactly one of train.train_iters and train.train_tokens")
+        if t.train_iters is not None:
+            sizes = ramp_schedule(t.train_iters, t.global_batch_size, t.rampup_batch_size)
+            return t.train_iters, sum(sizes)
+        samples = tokens_to_samples(t.train_tokens, t.seq_length)
+        iters, total = 0, 0
+        for size in ramp_schedule(samples, t.global_batch_size, t.rampup_batch_size):
+            if total >= samples:
+                break
+            total += size
+            iters += 1
+        return iters, samples
+
+    def _build_model(self) -> list[torch.nn.Module]:
+        chunks = []
+        vpp = self.layout.vpp or 1
+        p = self.recipe.parallel
+        for i in range(vpp):
+            vp_stage = i if self.layout.vpp else None
+            model = build_joyai_model(
+                self.config,
+                self.arch,
+                self.recipe.model.backend,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage,
+                max_sequence_length=self.recipe.train.seq_length,
+            )
+            if torch.cuda.is_available():
+                model.cuda(torch.cuda.current_device())  # gpu-only
+            if self.config.bf16 or self.config.fp16:
+                model = Float16Module(self.config, model)
+            muon = self.recipe.optim.optimizer == "muon"
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=p.overlap_grad_reduce,
+                overlap_param_gather=p.overlap_param_gather,
+                use_distributed_optimizer=p.distributed_optimizer and self.env.world_size > 1 and not muon,
+                average_in_collective=False,
+            )
+            chunks.append(
+                DistributedDataParallel(
+                    config=self.config, ddp_config=ddp_config, module=model, disable_bucketing=i > 0
+                )
+            )
+        for chunk in chunks:
+            chunk.broadcast_params()
+        return chunks
+
+    def _wire_config_hooks(self) -> None:
+        """What Megatron-Core's schedules call back into: loss scaling, grad finalisation, no-sync."""
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.config.finalize_model_grads_func = self._finalize_grads
+        if self.recipe.parallel.overlap_grad_reduce:
+            no_sync = [m.no_sync for m in self.model]
+            self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if self.recipe.parallel.overlap_param_gather:
+            sync = [m.start_param_sync for m in self.model]
+            self.config.param_sync_func = sync[0] if len(sync) == 1 else sync
+
+    def _finalize_grads(self, model: list, num_tokens: torch.Tensor | None = None, **kwargs: Any) -> None:
+        # Snapshot expert loads before finalize_model_grads all-reduces and resets them while
+        # updating the aux-loss-free expert bias.
+        self._expert_counts = [
+            r.local_tokens_per_expert.detach().clone()
+            for chunk in model
+            for r in chunk.modules()
+            if isinstance(r, TopKRouter) and getattr(r, "local_tokens_per_expert", None) is not None
+        ]
+        finalize_model_grads(model, num_tokens, **kwargs)
+
+    def _routers(self) -> list[TopKRouter]:
+        return [m for chunk in self.model for m in chunk.modules() if isinstance(m, TopKRouter)]
+
+    def _flops_per_token(self) -> float:
+        return flops_per_token(self.arch, self.recipe.train.seq_length, mtp=self.recipe.model.mtp_enabled)
+
+    def _is_log_rank(self) -> bool:
+        return self.env.rank == 0
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def _load(self) -> str | None:
+        c = self.recipe.checkpoint
+        root = Path(c.dir)
+        if ckpt.latest_iteration(root) is not None:
+            path = ckpt.resolve_checkpoint(root)
+            state = ckpt.load_checkpoint(
+                path, self.model, self.optimizer, self.scheduler, with_optimizer=True, allow_missing=[]
+            )
+            if state is None:
+                raise RuntimeError(f"{path}: resume checkpoint has no optimizer/trainer state")
+            self.state = state
+            return str(path)
+        if c.load:
+            path = ckpt.resolve_checkpoint(c.load)
+            state = ckpt.load_checkpoint(
+                path,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                with_optimizer=c.load_optimizer and not c.reset_counters,
+                allow_missing=list(c.allow_missing),
+            )
+            if state is not None:
+                self.state = state
+            elif c.load_optimizer and not c.reset_counters:
+                raise RuntimeError(
+                    f"{path} has weights only; set checkpoint.load_optimizer=false to start from it"
+                )
+            return str(path)
+        return None
+
+    def save(self) -> Path:
+        self.state.stage = self.stage.state_dict()
+        return ckpt.save_checkpoint(
+            self.recipe.checkpoint.dir,
+            self.recipe,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            self.recipe.checkpoint.keep_last,
+        )
+
+    # --- steps ------------------------------------------------------------------------------------
+    def run_microbatches(self, batches: list, forward_only: bool) -> list[dict[str, torch.Tensor]]:
+        t = self.recipe.train
+        iterators = [iter(batches) for _ in self.model] if len(self.model) > 1 else iter(batches)
+        return get_forward_backward_func()(
+            forward_step_func=self.stage.forward_step,
+            data_iterator=iterators,
+            model=self.model,
+            num_microbatches=len(batches),
+            seq_length=t.seq_length * t.micro_batch_size,
+            micro_batch_size=1,
+            decoder_seq_length=t.seq_length * t.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _reduce_losses(self, losses: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Token-weighted means over micro-batches and data-parallel ranks, on every rank."""
+        keys = sorted({k for d in losses for k in d})
+        keys_t = [keys]
+        dist.broadcast_object_list(keys_t, src=dist.get_world_size() - 1)
+        keys = keys_t[0]
+        contributes = (
+            parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        )
+        totals = torch.zeros(len(keys), 2, dtype=torch.float64)
+        if contributes:
+            for d in losses:
+                for i, k in enumerate(keys):
+                    if k in d:
+                        totals[i] += d[k].detach().double().cpu()
+        if torch.cuda.is_available():
+            totals = totals.cuda()  # gpu-only
+        dist.all_reduce(totals)
+        return {
+            k.replace(" ", "_"): float(totals[i, 0] / totals[i, 1].clamp(min=1)) for i, k in enumerate(keys)
+        }
+
+    def _mtp_loss(self, num_microbatches: int) -> float | None:
+        tracker = MTPLossLoggingHelper.tracker
+        if "loss_values" not in tracker:
+            return None
+        MTPLossLoggingHelper.reduce_metrics_in_tracker()
+        value = float(tracker["loss_values"].sum()) / num_microbatches
+        MTPLossLoggingHelper.clean_metrics_in_tracker()
+        src = dist.get_world_size() - 1  # the last pipeline stage holds the MTP block
+        value_t = torch.tensor([value], dtype=torch.float64)
+        if torch.cuda.is_available():
+            value_t = value_t.cuda()  # gpu-only
+        dist.broadcast(value_t, src)
+        return float(value_t.item())
+
+    def _moe_stats(self) -> dict[str, float]:
+        stats: dict[str, float] = {}
+        if self._expert_counts:
+            counts = torch.stack([c.double().cpu() for c in self._expert_counts])
+            spread = counts.max(dim=1).values / counts.min(dim=1).values.clamp(min=1)
+            stats["moe/load_max_over_min"] = float(spread.max())
+        routers = self._routers()
+        if routers and routers[0].expert_bias is not None:
+            biases = torch.stack([r.expert_bias.detach().float().cpu() for r in routers])
+            stats["moe/bias_min"] = float(biases.min())
+            stats["moe/bias_max"] = float(biases.max())
+        return stats
+
+    def train_step(self) -> dict[str, float]:
+        self.stage.before_step(self)
+        num_mb = get_num_microbatches()
+        batch_size = get_current_global_batch_size()
+        batches = self.stage.microbatches("train", self.state.consumed_samples, num_mb)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self.run_microbatches(batches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=batch_size)
+        if self.config.qk_clip:
+            from megatron.core.optimizer.qk_clip import clip_qk
+
+            clip_qk(self.model)
+        self.state.iteration += 1
+        self.state.consumed_samples += batch_size
+        tokens = batch_size * self.recipe.train.seq_length
+        self.state.consumed_tokens += tokens
+        self.logger.count_tokens(tokens)
+        update_num_microbatches(self.state.consumed_samples, consistency_check=True)
+        values = self._reduce_losses(losses)
+        mtp = self._mtp_loss(num_mb) if self.config.mtp_num_layers else None
+        if "lm_loss" in values:
+            values["loss"] = values["lm_loss"] + (
+                self.config.mtp_loss_scaling_factor * mtp if mtp is not None else 0.0
+            )
+        if mtp is not None:
+            values["mtp_loss"] = mtp
+        values["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        values["lr"] = max(g["lr"] for g in self.optimizer.param_groups)
+        values["global_batch_size"] = float(batch_size)
+        values["consumed_tokens"] = float(self.state.consumed_tokens)
+        values.update(self._moe_stats())
+        values.update({f"stage/{k}": v for k, v in self.stage.log_metrics().items()})
+        return values
+
+    def evaluate(self) -> dict[str, float]:
+        t = self.recipe.train
+        for chunk in self.model:
+            chunk.eval()
+        results: list[dict[str, torch.Tensor]] = []
+        with torch.no_grad():
+            for i in range(t.eval_iters):
+                start = i * t.global_batch_size
+                batches = self.stage.microbatches("valid", start, get_num_microbatches())
+                results.extend(self.run_microbatches(batches, forward_only=True))
+        for chunk in self.model:
+            chunk.train()
+        MTPLossLoggingHelper.clean_metrics_in_tracker()
+        return {f"valid/{k}": v for k, v in self._reduce_losses(results).items()}
+
+    # --- loop -------------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        r = self.recipe
+        if self._is_log_rank():
+            save_resolved_recipe(r, r.logging.dir)
+            where = f"resumed from {self.resumed_from}" if self.resumed_from else "from scratch"
+            print(
+                f"[{r.stage}] {r.name}: {self.total_iters} steps, layout tp={self.layout.tp} pp={self.layout.pp} "
+                f"ep={self.layout.ep} dp={self.layout.dp}, {where} at step {self.state.iteration}",
+                flush=True,
+            )
+        start_time = time.time()
+        saved_at = None
+        exit_reason = "finished"
+        while self.state.iteration < self.total_iters:
+            values = self.train_step()
+            step = self.state.iteration
+            self.history.append({"step": step, **values})
+            if step % max(r.logging.interval, 1) == 0 or step == self.total_iters:
+                self.logger.log(step, self.total_iters, values)
+            if r.train.eval_interval and step % r.train.eval_interval == 0:
+                evals = self.evaluate()
+                self.history[-1].update(evals)
+                self.logger.scalars(step, evals)
+                if self._is_log_rank():
+                    print(" | ".join(f"{k} {v:.4f}" for k, v in evals.items()), flush=True)
+            if r.checkpoint.save_interval and step % r.checkpoint.save_interval == 0:
+                self.save()
+                saved_at = step
+            if self.signals.should_exit():
+                exit_reason = "signal"
+                break
+            if r.train.exit_duration_mins and (time.time() - start_time) / 60 > r.train.exit_duration_mins:
+                exit_reason = "duration"
+                break
+        if saved_at != self.state.iteration:
+            path = self.save()
+        else:
+            path = ckpt.iter_dir(r.checkpoint.dir, self.state.iteration)
+        if self._is_log_rank():
+            print(f"[{r.stage}] {exit_reason} at step {self.state.iteration}; checkpoint {path}", flush=True)
+        self.logger.close()
+        self.signals.restore()
+        return {"exit_reason": exit_reason, "checkpoint": str(path), "history": self.history}
+
+    @property
+    def train_state(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.state)
