@@ -5,14 +5,17 @@
 #   slurm/submit.sh pretrain_48b [key=value ...]          # 32 x 8 GPUs, the script's defaults
 #   NNODES=64 PRETRAIN_STAGE=2 slurm/submit.sh pretrain_48b
 #   GPUS_PER_NODE=0 NTASKS_PER_NODE=2 NNODES=1 slurm/submit.sh pretrain_48b   # CPU mode
-#   DEPENDENCY=singleton slurm/submit.sh pretrain_48b     # chain: one job of this name at a time
+#   JOB_DEPENDENCY=singleton slurm/submit.sh pretrain_48b # chain: one job of this name at a time
 #
-# Variables that become sbatch flags (unset: the script's #SBATCH default applies):
+# Variables mapped to sbatch flags (unset: the script's #SBATCH default applies):
 #   NNODES -> --nodes; GPUS_PER_NODE -> --gpus-per-node and --ntasks-per-node (one task per GPU;
-#   0 = CPU mode with NTASKS_PER_NODE tasks); TIME -> --time; PARTITION -> --partition;
-#   ACCOUNT -> --account; QOS -> --qos; JOB_NAME -> --job-name; DEPENDENCY -> --dependency;
-#   SIGNAL_SECS -> --signal=B:USR1@SIGNAL_SECS; ARRAY -> --array (data_prep: default one task per
-#   file of INPUT_GLOB); LOG_ROOT -> --output=LOG_ROOT/%x-%j.out; SBATCH_ARGS: more flags.
+#   0 = CPU mode with NTASKS_PER_NODE tasks per node); JOB_DEPENDENCY -> --dependency;
+#   LOG_ROOT [REPO/runs/slurm] -> --output=LOG_ROOT/%x-%j.out (data_prep: %x-%A_%a.out);
+#   data_prep only: the array defaults to one task per file matching INPUT_GLOB;
+#   SBATCH_ARGS: any further sbatch flags, whitespace separated.
+# Everything else uses sbatch's own input variables, which also beat #SBATCH lines:
+#   SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_QOS, SBATCH_TIMELIMIT, SBATCH_JOB_NAME, SBATCH_SIGNAL,
+#   SBATCH_RESERVATION, SBATCH_ARRAY_INX, SBATCH_OUTPUT, ... (sbatch(1), INPUT ENVIRONMENT VARIABLES).
 # Set SUBMIT_PREFLIGHT=0 to skip the submit-time check (the job still runs its own unless
 # SKIP_PREFLIGHT=1). DRY_RUN=1 prints the sbatch command instead of submitting.
 # Prints the job id on stdout (sbatch --parsable); everything else goes to stderr.
@@ -44,19 +47,11 @@ if [[ -n "${GPUS_PER_NODE:-}" ]]; then
         flags+=(--gpus-per-node="${GPUS_PER_NODE}" --ntasks-per-node="${GPUS_PER_NODE}")
     fi
 fi
-if [[ -n "${TIME:-}" ]]; then flags+=(--time="${TIME}"); fi
-if [[ -n "${PARTITION:-}" ]]; then flags+=(--partition="${PARTITION}"); fi
-if [[ -n "${ACCOUNT:-}" ]]; then flags+=(--account="${ACCOUNT}"); fi
-if [[ -n "${QOS:-}" ]]; then flags+=(--qos="${QOS}"); fi
-if [[ -n "${JOB_NAME:-}" ]]; then flags+=(--job-name="${JOB_NAME}"); fi
-if [[ -n "${DEPENDENCY:-}" ]]; then flags+=(--dependency="${DEPENDENCY}"); fi
-if [[ -n "${SIGNAL_SECS:-}" ]]; then flags+=(--signal="B:USR1@${SIGNAL_SECS}"); fi
+if [[ -n "${JOB_DEPENDENCY:-}" ]]; then flags+=(--dependency="${JOB_DEPENDENCY}"); fi
 
 is_array=0
 if grep -q '^#SBATCH --array' "${script}"; then is_array=1; fi
-if [[ -n "${ARRAY:-}" ]]; then
-    flags+=(--array="${ARRAY}")
-elif [[ "${is_array}" == "1" && -n "${INPUT_GLOB:-}" ]]; then
+if [[ "${is_array}" == "1" && -z "${SBATCH_ARRAY_INX:-}" && -n "${INPUT_GLOB:-}" ]]; then
     n_files="$(compgen -G "${INPUT_GLOB}" | wc -l)"
     if [[ "${n_files}" -eq 0 ]]; then
         echo "submit.sh: no files match INPUT_GLOB='${INPUT_GLOB}'" >&2
@@ -67,10 +62,12 @@ fi
 
 LOG_ROOT="${LOG_ROOT:-${REPO_DIR}/runs/slurm}"
 export LOG_ROOT
-if [[ "${is_array}" == "1" ]]; then
-    flags+=(--output="${LOG_ROOT}/%x-%A_%a.out")
-else
-    flags+=(--output="${LOG_ROOT}/%x-%j.out")
+if [[ -z "${SBATCH_OUTPUT:-}" ]]; then
+    if [[ "${is_array}" == "1" ]]; then
+        flags+=(--output="${LOG_ROOT}/%x-%A_%a.out")
+    else
+        flags+=(--output="${LOG_ROOT}/%x-%j.out")
+    fi
 fi
 if [[ -n "${SBATCH_ARGS:-}" ]]; then
     read -r -a extra <<<"${SBATCH_ARGS}"

@@ -20,7 +20,7 @@
 #   NNODES                 nodes to use [SLURM_JOB_NUM_NODES]
 #   MASTER_ADDR / MASTER_PORT   rendezvous [first node of SLURM_JOB_NODELIST / from the job id]
 #   LOG_ROOT [REPO_DIR/runs/slurm]   per-job log directory LOG_ROOT/<job name>-<job id>/
-#   CONTAINER_IMAGE, CONTAINER_MOUNTS, CONTAINER_NAME   pyxis/enroot; flags only when the image is set
+#   CONTAINER_IMAGE, CONTAINER_MOUNTS, PYXIS_CONTAINER_NAME   pyxis/enroot; flags only when the image is set
 #   SRUN_ARGS              extra srun flags, whitespace separated
 #   SKIP_PREFLIGHT [0]     1: do not run `python -m joyai_megatron plan` before srun
 #   MAX_RESTARTS [10]      requeues after SIGUSR1 before the job stops and asks for a resubmit
@@ -242,8 +242,8 @@ jm_setup() {
         fi
         JM_CONTAINER_ARGS=(--container-image="${CONTAINER_IMAGE}" --container-mounts="${mounts}"
             --container-workdir="${REPO_DIR}")
-        if [[ -n "${CONTAINER_NAME:-}" ]]; then
-            JM_CONTAINER_ARGS+=(--container-name="${CONTAINER_NAME}")
+        if [[ -n "${PYXIS_CONTAINER_NAME:-}" ]]; then
+            JM_CONTAINER_ARGS+=(--container-name="${PYXIS_CONTAINER_NAME}")
         fi
     fi
 }
@@ -255,7 +255,9 @@ jm_preflight() {
         jm_log "preflight skipped (SKIP_PREFLIGHT=1)"
         return 0
     fi
-    local cmd=("${PYTHON}" -m joyai_megatron plan "$1" --nodes "${NNODES}" --gpus-per-node "${RANKS_PER_NODE}" "${@:2}")
+    # Overrides go right after the recipe: argparse rejects positionals after the options.
+    # In CPU mode --gpus-per-node carries the ranks per node (NTASKS_PER_NODE).
+    local cmd=("${PYTHON}" -m joyai_megatron plan "$@" --nodes "${NNODES}" --gpus-per-node "${RANKS_PER_NODE}")
     if [[ ${#JM_CONTAINER_ARGS[@]} -gt 0 ]]; then
         # The interpreter lives in the image: run the check as a one-task step inside it.
         cmd=(srun --nodes=1 --ntasks=1 "${JM_CONTAINER_ARGS[@]}" "${cmd[@]}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -55,7 +56,8 @@ def dry_run(script: str, nodes: int = 32, args: list[str] | None = None, **extra
 
 
 def command_lines(out: str, program: str) -> list[str]:
-    return [line[2:] for line in out.splitlines() if line.startswith(f"+ {program} ")]
+    """The commands DRY_RUN printed for PROGRAM, unquoted, words joined by single spaces."""
+    return [" ".join(shlex.split(line[2:])) for line in out.splitlines() if line.startswith(f"+ {program} ")]
 
 
 def test_shellcheck_passes_on_every_script(slurm_tools: None) -> None:
@@ -81,8 +83,8 @@ def test_dry_run_pretrain_32_nodes_of_8_gpus() -> None:
 
     (plan,) = command_lines(out, "python")
     recipe = "recipes/pretrain/joyai_48b_a3b/stage1.yaml"
-    assert plan.startswith(f"python -m joyai_megatron plan {recipe} --nodes 32 --gpus-per-node 8 ")
-    assert "train.global_batch_size=4096" in plan.split()
+    assert plan.startswith(f"python -m joyai_megatron plan {recipe} ")
+    assert plan.endswith(" train.global_batch_size=4096 --nodes 32 --gpus-per-node 8")
 
     (srun,) = command_lines(out, "srun")
     argv = srun.split()
@@ -108,7 +110,7 @@ def test_dry_run_env_overrides_container_and_skip_preflight() -> None:
     out = dry_run(
         "pretrain_48b",
         nodes=4,
-        PRETRAIN_STAGE="3",
+        PRETRAIN_STAGE="4_64k",
         CONTAINER_IMAGE="nvcr.io/nvidia/pytorch:25.10-py3",
         CONTAINER_MOUNTS="/lustre:/lustre",
         NCCL_NVLS_ENABLE="1",
@@ -132,7 +134,7 @@ def test_dry_run_env_overrides_container_and_skip_preflight() -> None:
     assert f"--container-mounts={REPO}:{REPO},/lustre:/lustre" in argv
     assert f"--container-workdir={REPO}" in argv
     assert "--cpu-bind=none" in argv
-    assert "recipes/pretrain/joyai_48b_a3b/stage3.yaml" in argv
+    assert "recipes/pretrain/joyai_48b_a3b/stage4_64k.yaml" in argv
     for override in (
         "checkpoint.dir=/lustre/ckpt/s3",
         "checkpoint.load=/lustre/ckpt/s2",
@@ -150,7 +152,8 @@ def test_dry_run_cpu_mode_uses_tiny_recipe_and_gloo() -> None:
     assert "+ export CUDA_VISIBLE_DEVICES=''" in out
     assert "NCCL_NVLS_ENABLE" not in out
     (plan,) = command_lines(out, "python")
-    assert "recipes/pretrain/tiny_cpu/stage1.yaml --nodes 1 --gpus-per-node 2" in plan
+    assert plan.startswith("python -m joyai_megatron plan recipes/pretrain/tiny_cpu/stage1.yaml ")
+    assert plan.endswith(" --nodes 1 --gpus-per-node 2")
     (srun,) = command_lines(out, "srun")
     assert "--ntasks=2" in srun.split() and "--ntasks-per-node=2" in srun.split()
 
@@ -173,36 +176,56 @@ def test_dry_run_post_training_stages(script: str, entry: str) -> None:
     (srun,) = command_lines(out, "srun")
     assert entry in srun and "--ntasks=64" in srun.split()
     (plan,) = command_lines(out, "python")
-    assert f"plan {recipe} --nodes 8 --gpus-per-node 8" in plan
+    assert f"plan {recipe} " in plan and plan.endswith(" --nodes 8 --gpus-per-node 8")
 
 
-def test_dry_run_convert_and_data_prep() -> None:
+def test_dry_run_convert_and_data_prep(tmp_path: Path) -> None:
     out = dry_run("convert_to_hf", nodes=1, CHECKPOINT_DIR="/ckpt/qat", HF_OUTPUT_DIR="/export/hf")
     (srun,) = command_lines(out, "srun")
     assert "--ntasks=1" in srun.split()
-    assert srun.endswith("python -m joyai_megatron.convert to-hf --checkpoint /ckpt/qat --output /export/hf")
+    assert srun.endswith(
+        "python -m joyai_megatron.convert to-hf --checkpoint /ckpt/qat --output /export/hf --no-progress"
+    )
     assert "+ export CUDA_VISIBLE_DEVICES=''" in out
 
-    out = dry_run(
-        "data_prep",
-        nodes=1,
-        INPUT_GLOB=str(SLURM_DIR / "*.sbatch"),
-        TOKENIZER="/tok",
-        OUTPUT_PREFIX="/out/web",
-        SLURM_ARRAY_TASK_ID="1",
-        SLURM_ARRAY_TASK_MIN="0",
-        SLURM_ARRAY_TASK_COUNT="3",
-        SLURM_CPUS_PER_TASK="4",
-    )
-    shards = sorted(str(p) for p in SLURM_DIR.glob("*.sbatch"))
-    sruns = command_lines(out, "srun")
-    expected = [i for i in range(len(shards)) if i % 3 == 1]
-    assert len(sruns) == len(expected)
-    for line, i in zip(sruns, expected, strict=True):
-        assert line.endswith(
-            f"python -m data_prep pretrain --input {shards[i]} --tokenizer /tok "
-            f"--output-prefix /out/web_{i:05d} --workers 4"
-        ), line
+    shards = [tmp_path / f"part-{i:02d}.jsonl" for i in range(7)]
+    for shard in shards:
+        shard.write_text("{}\n")
+    chunks = []
+    for task in range(3):
+        out = dry_run(
+            "data_prep",
+            nodes=1,
+            INPUT_GLOB=str(tmp_path / "part-*.jsonl"),
+            TOKENIZER="/tok",
+            OUTPUT_PREFIX=str(tmp_path / "out" / "web"),
+            SLURM_ARRAY_TASK_ID=str(task + 10),
+            SLURM_ARRAY_TASK_MIN="10",
+            SLURM_ARRAY_TASK_COUNT="3",
+            SLURM_CPUS_PER_TASK="4",
+        )
+        (srun,) = command_lines(out, "srun")
+        argv = srun.split()
+        assert argv[argv.index("-m") : argv.index("--input") + 1] == [
+            "-m",
+            "data_prep",
+            "pretrain",
+            "--input",
+        ]
+        chunks.append(argv[argv.index("--input") + 1 : argv.index("--tokenizer")])
+        assert argv[argv.index("--tokenizer") :] == [
+            "--tokenizer",
+            "/tok",
+            "--output-prefix",
+            f"{tmp_path}/out/web_{task:05d}",
+            "--workers",
+            "4",
+            "--no-progress",
+        ]
+    # Every file exactly once, in order, in chunks of 2, 2 and 3; nothing written by DRY_RUN.
+    assert [len(c) for c in chunks] == [2, 2, 3]
+    assert sum(chunks, []) == [str(s) for s in shards]
+    assert not (tmp_path / "out").exists()
 
 
 def test_dry_run_missing_recipe_is_a_clear_error() -> None:
@@ -236,13 +259,9 @@ def test_submit_maps_environment_to_sbatch_flags(tmp_path: Path) -> None:
         DRY_RUN="1",
         NNODES="64",
         GPUS_PER_NODE="8",
-        TIME="2-00:00:00",
-        PARTITION="batch",
-        ACCOUNT="llm",
-        DEPENDENCY="singleton",
-        SIGNAL_SECS="900",
+        JOB_DEPENDENCY="singleton",
         LOG_ROOT=str(tmp_path),
-        SBATCH_ARGS="--reservation=big",
+        SBATCH_ARGS="--reservation=big --exclude=gpu007",
     )
     proc = subprocess.run(
         ["bash", str(SLURM_DIR / "submit.sh"), "pretrain_48b", "train.seed=3"],
@@ -253,22 +272,34 @@ def test_submit_maps_environment_to_sbatch_flags(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("+ sbatch ")]
-    assert line.split()[1:] == [
+    assert shlex.split(line)[1:] == [
         "sbatch",
         "--parsable",
         "--nodes=64",
         "--gpus-per-node=8",
         "--ntasks-per-node=8",
-        "--time=2-00:00:00",
-        "--partition=batch",
-        "--account=llm",
         "--dependency=singleton",
-        "--signal=B:USR1@900",
         f"--output={tmp_path}/%x-%j.out",
         "--reservation=big",
+        "--exclude=gpu007",
         str(SLURM_DIR / "pretrain_48b.sbatch"),
         "train.seed=3",
     ]
+
+    # data_prep: one array task per input file unless SBATCH_ARRAY_INX says otherwise.
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.jsonl").write_text("{}\n")
+    env.update(INPUT_GLOB=str(tmp_path / "*.jsonl"), GPUS_PER_NODE="0", NNODES="1")
+    proc = subprocess.run(
+        ["bash", str(SLURM_DIR / "submit.sh"), "data_prep"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    argv = shlex.split(proc.stderr.splitlines()[-1])
+    assert "--array=0-2" in argv and f"--output={tmp_path}/%x-%A_%a.out" in argv
 
 
 def test_ranks_signal_requeue_and_max_restarts(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
