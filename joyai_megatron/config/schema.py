@@ -62,7 +62,8 @@ class TrainCfg:
     seq_length: int = 128
     micro_batch_size: int = 1
     global_batch_size: int = 8
-    # [start_global_batch, increment, ramp_samples]: Megatron's --rampup-batch-size
+    # [start_global_batch, increment, ramp_tokens]: a linear ramp to global_batch_size, run as
+    # Megatron-Core's step batch-size schedule (see optim/batch_ramp.py)
     rampup_batch_size: list[int] | None = None
     train_iters: int | None = None
     train_tokens: int | None = None  # alternative to train_iters (counts consumed samples)

@@ -85,7 +85,7 @@ JOYAI_48B_A3B = ModelArch(
 JOYAI_PROXY_1GPU = JOYAI_48B_A3B.replace(num_layers=6, num_experts=64)
 
 # Same structure (dense first layer, MoE with shared expert, MLA with q-LoRA, dense MTP) at toy
-# width, for CPU tests and the demo.  vocab matches the bundled demo tokenizer's size class.
+# width, for CPU tests and the demo; the vocabulary matches the bundled demo tokenizer (8192).
 TINY = ModelArch(
     hidden_size=64,
     num_layers=3,
@@ -101,7 +101,7 @@ TINY = ModelArch(
     qk_head_dim=16,
     qk_pos_emb_head_dim=8,
     v_head_dim=16,
-    vocab_size=4096,
+    vocab_size=8192,
     rotary_base=10000.0,
     max_position_embeddings=4096,
     init_method_std=0.02,

@@ -67,7 +67,7 @@ class Stage(ABC):
         """Called once the model exists and the checkpoint is loaded."""
         self.trainer = trainer
 
-    def before_step(self, trainer: Any) -> None:
+    def before_step(self, trainer: Any) -> None:  # noqa: B027 - optional hook, default no-op
         """Called before each optimizer step (RL generates rollouts here)."""
 
     def state_dict(self) -> dict[str, Any]:

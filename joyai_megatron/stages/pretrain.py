@@ -34,6 +34,18 @@ def resolve_blend(data: Any) -> tuple[list[str], list[float] | None]:
     return list(data.paths), None
 
 
+def check_vocab(tokenizer: HFTokenizer | None, recipe: Any) -> None:
+    """Token ids beyond the embedding table fail deep inside the first forward; stop here instead."""
+    from joyai_megatron.model.presets import arch_from_dict
+
+    vocab = arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch}).vocab_size
+    if tokenizer is not None and tokenizer.vocab_size > vocab:
+        raise ValueError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab}; "
+            "set model.arch.vocab_size or use the matching tokenizer"
+        )
+
+
 def token_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Sum of masked per-token losses and the token count: Megatron-Core normalises by the total
     count across micro-batches and data-parallel ranks (``calculate_per_token_loss``)."""
@@ -52,6 +64,7 @@ class PretrainStage(Stage):
         tokenizer = HFTokenizer(d.tokenizer) if d.tokenizer else None
         if tokenizer is None and not d.mock:
             raise ValueError("data.tokenizer must name a tokenizer directory (or set data.mock=true)")
+        check_vocab(tokenizer, self.recipe)
         config = GPTDatasetConfig(
             random_seed=t.seed,
             sequence_length=t.seq_length,

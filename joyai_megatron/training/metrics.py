@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -45,12 +46,14 @@ class MetricsLogger:
         self.peak = device_peak_tflops()
         self.tb = None
         self.wandb = None
+        self.jsonl = None
         self._window_start = time.time()
         self._window_tokens = 0
         if not is_writer:
             return
         log_dir = Path(recipe.logging.dir)
         log_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (log_dir / "metrics.jsonl").open("a")
         if recipe.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -106,14 +109,18 @@ class MetricsLogger:
     def scalars(self, step: int, values: dict[str, Any]) -> None:
         if not self.is_writer:
             return
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
         for key, value in values.items():
-            if isinstance(value, int | float) and math.isfinite(float(value)):
-                if self.tb is not None:
-                    self.tb.add_scalar(key, value, step)
+            if self.tb is not None and isinstance(value, int | float) and math.isfinite(float(value)):
+                self.tb.add_scalar(key, value, step)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in values.items() if isinstance(v, int | float)}, step=step)
 
     def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:

@@ -41,6 +41,7 @@ from joyai_megatron.model.config import build_transformer_config
 from joyai_megatron.model.count import flops_per_token
 from joyai_megatron.model.presets import ModelArch, arch_from_dict
 from joyai_megatron.model.spec import require_transformer_engine
+from joyai_megatron.optim.batch_ramp import batch_size_at, batch_sizes, ramp_thresholds, schedule_string
 from joyai_megatron.optim.builder import build_optimizer
 from joyai_megatron.optim.schedule import build_scheduler, tokens_to_samples
 from joyai_megatron.stages.base import Stage
@@ -85,9 +86,15 @@ class Trainer:
         init_model_parallel(self.layout)
         set_seed(recipe.train.seed)
         t = recipe.train
+        self.batch_thresholds = ramp_thresholds(t.rampup_batch_size, t.global_batch_size)
         destroy_num_microbatches_calculator()
         init_num_microbatches_calculator(
-            self.env.rank, t.rampup_batch_size, t.global_batch_size, t.micro_batch_size, self.layout.dp, False
+            self.env.rank,
+            global_batch_size=t.global_batch_size,
+            micro_batch_size=t.micro_batch_size,
+            data_parallel_size=self.layout.dp,
+            step_batch_size_schedule=schedule_string(self.batch_thresholds),
+            seq_length=t.seq_length,
         )
         self.total_iters, self.train_samples = self._train_length()
         self.config = build_transformer_config(self.arch, recipe.model, recipe.parallel, recipe.precision)
@@ -124,14 +131,11 @@ class Trainer:
         if (t.train_iters is None) == (t.train_tokens is None):
             raise ValueError("set exactly one of train.train_iters and train.train_tokens")
         if t.train_iters is not None:
-            sizes = ramp_schedule(t.train_iters, t.global_batch_size, t.rampup_batch_size)
-            return t.train_iters, sum(sizes)
+            return t.train_iters, sum(batch_sizes(t.train_iters, self.batch_thresholds, t.seq_length))
         samples = tokens_to_samples(t.train_tokens, t.seq_length)
         iters, total = 0, 0
-        for size in ramp_schedule(samples, t.global_batch_size, t.rampup_batch_size):
-            if total >= samples:
-                break
-            total += size
+        while total < samples:
+            total += batch_size_at(total, self.batch_thresholds, t.seq_length)
             iters += 1
         return iters, samples
 
@@ -382,7 +386,7 @@ class Trainer:
             values = self.train_step()
             step = self.state.iteration
             self.history.append({"step": step, **values})
-            if step % max(r.logging.interval, 1) == 0 or step == self.total_iters:
+            if step == 1 or step % max(r.logging.interval, 1) == 0 or step == self.total_iters:
                 self.logger.log(step, self.total_iters, values)
             if r.train.eval_interval and step % r.train.eval_interval == 0:
                 evals = self.evaluate()
