@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-doc-bytes", type=int, default=64 << 20)
     p.add_argument("--eod-token", help="default: tokenizer_config.json's eos_token, else <|end_of_text|>")
     p.add_argument(
-        "--verify-docs", type=int, default=16, help="docs per shard re-checked against HF tokenizers"
+        "--verify-bytes",
+        type=int,
+        default=16 << 10,
+        help="text per shard re-encoded with HF tokenizers to check the fast engine (0: off)",
     )
     p.add_argument("--keep-shards", action="store_true", help="keep PREFIX.shards/ after merging")
     p.add_argument("--no-progress", action="store_true")
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> object:
                 on_error=args.on_error,
                 max_doc_bytes=args.max_doc_bytes,
                 eod_token=args.eod_token,
-                verify_docs=args.verify_docs,
+                verify_bytes=args.verify_bytes,
                 keep_shards=args.keep_shards,
                 progress=not args.no_progress,
             )

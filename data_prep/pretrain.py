@@ -45,7 +45,7 @@ class PretrainConfig:
     on_error: OnError = "fail"
     max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES
     eod_token: str | None = None
-    verify_docs: int = 16
+    verify_bytes: int = 16 << 10
     keep_shards: bool = False
     progress: bool = True
 
@@ -64,7 +64,7 @@ class ShardJob:
     on_error: OnError
     engine: Engine
     parallel: bool
-    verify_docs: int
+    verify_bytes: int
 
 
 @dataclass
@@ -90,16 +90,30 @@ def expand_inputs(patterns: list[str]) -> list[str]:
 
 
 def _verify(
-    encoder: Encoder, texts: list[str], lines: list[int], flat: np.ndarray, lengths: np.ndarray, job: ShardJob
+    encoder: Encoder,
+    texts: list[str],
+    sizes: list[int],
+    lines: list[int],
+    flat: np.ndarray,
+    lengths: np.ndarray,
+    job: ShardJob,
 ) -> None:
-    """Fail loudly if the fast engine disagrees with Hugging Face ``tokenizers`` on a sample."""
-    reference = HFEncoder(job.tokenizer)
-    count = min(job.verify_docs, len(texts))
-    ref_flat, ref_lengths = reference.encode_flat(texts[:count])
-    ends = np.cumsum(lengths[:count])
-    for i in range(count):
+    """Fail loudly if the fast engine disagrees with Hugging Face ``tokenizers`` on a sample.
+
+    The sample is the batch's documents that fit in ``verify_bytes`` (the reference engine is ~50x
+    slower, so its cost must stay bounded whatever the documents' sizes)."""
+    budget, chosen = job.verify_bytes, []
+    for i, size in enumerate(sizes):
+        if size <= budget:
+            chosen.append(i)
+            budget -= size
+    if not chosen:
+        chosen = [int(np.argmin(sizes))]
+    ref_flat, ref_lengths = HFEncoder(job.tokenizer).encode_flat([texts[i] for i in chosen])
+    ends, ref_ends = np.cumsum(lengths), np.cumsum(ref_lengths)
+    for k, i in enumerate(chosen):
         got = flat[ends[i] - lengths[i] : ends[i]]
-        want = ref_flat[ref_lengths[:i].sum() : ref_lengths[: i + 1].sum()]
+        want = ref_flat[ref_ends[k] - ref_lengths[k] : ref_ends[k]]
         if not np.array_equal(got, want):
             raise DataPrepError(
                 f"{job.input}:{lines[i]}: engine {encoder.name} differs from Hugging Face tokenizers; "
@@ -115,15 +129,16 @@ def tokenize_shard(job: ShardJob, report: Callable[[int, int], None]) -> ShardSt
     stats = ShardStats(input=job.input, engine=encoder.name)
     writer = indexed.DocumentWriter(job.prefix, np.dtype(job.dtype).type)
     texts: list[str] = []
+    sizes: list[int] = []
     lines: list[int] = []
     pending = 0
-    verified = job.verify_docs <= 0 or encoder.name == "hf"
+    verified = job.verify_bytes <= 0 or encoder.name == "hf"
 
     def flush() -> None:
         nonlocal pending, verified
         flat, lengths = encoder.encode_flat(texts)
         if not verified:
-            _verify(encoder, texts, lines, flat, lengths, job)
+            _verify(encoder, texts, sizes, lines, flat, lengths, job)
             verified = True
         tokens = np.insert(flat, np.cumsum(lengths), job.eod_id)
         writer.add(tokens, lengths + 1)
@@ -131,12 +146,14 @@ def tokenize_shard(job: ShardJob, report: Callable[[int, int], None]) -> ShardSt
         stats.tokens += int(tokens.size)
         report(len(texts), int(tokens.size))
         texts.clear()
+        sizes.clear()
         lines.clear()
         pending = 0
 
     try:
         for line, text, size in iter_texts(job.input, job.text_key, job.max_doc_bytes, policy):
             texts.append(text)
+            sizes.append(size)
             lines.append(line)
             pending += size
             stats.bytes += size
@@ -238,7 +255,7 @@ def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
                 on_error=config.on_error,
                 engine=config.engine,
                 parallel=config.workers > 1 and len(inputs) == 1,
-                verify_docs=config.verify_docs,
+                verify_bytes=config.verify_bytes,
             )
         )
     finished = {job.index: stats for job in jobs if (stats := _finished_shard(job)) is not None}
