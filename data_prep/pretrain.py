@@ -195,7 +195,12 @@ def _worker_run(job: ShardJob) -> ShardStats:
 
 
 def _run_jobs(jobs: list[ShardJob], workers: int, bar: tqdm) -> list[ShardStats]:
+    written = 0
+
     def report(docs: int, tokens: int) -> None:
+        nonlocal written
+        written += tokens
+        bar.set_postfix(tokens=f"{written:,}", refresh=False)
         bar.update(docs)
 
     if workers <= 1 or len(jobs) <= 1:
