@@ -10,7 +10,7 @@ generates after the prompt, and the mask is exact by construction.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -73,8 +73,6 @@ class Conversation:
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None = None
     enable_thinking: bool = False
-    source: tuple[str, int] = ("", 0)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _split_think(content: str, path: str, line: int, index: int) -> tuple[str, str | None]:
@@ -154,6 +152,13 @@ def parse_messages(raw: Any, path: str, line: int, key: str = "messages") -> lis
     return [_check_message(m, path, line, i) for i, m in enumerate(raw)]
 
 
+def parse_tools(tools: Any, path: str, line: int) -> list[dict[str, Any]] | None:
+    """The optional ``tools`` list (OpenAI function schemas), rendered into the system turn."""
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise BadRecord(path, line, "bad_messages", "'tools' must be a list of objects")
+    return tools or None
+
+
 def parse_conversation(record: dict[str, Any], path: str, line: int, require_assistant: bool) -> Conversation:
     """A record's ``messages`` (+ optional ``tools``, ``enable_thinking``) as a Conversation."""
     if "messages" not in record:
@@ -161,15 +166,13 @@ def parse_conversation(record: dict[str, Any], path: str, line: int, require_ass
     messages = parse_messages(record["messages"], path, line)
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise BadRecord(path, line, "no_assistant", "no assistant message to train on")
-    tools = record.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise BadRecord(path, line, "bad_messages", "'tools' must be a list of objects")
+    tools = parse_tools(record.get("tools"), path, line)
     thinking = record.get("enable_thinking")
     if thinking is not None and not isinstance(thinking, bool):
         raise BadRecord(path, line, "bad_messages", "'enable_thinking' must be true or false")
     if thinking is None:
         thinking = any(m.get("reasoning_content") for m in messages)
-    return Conversation(messages, tools or None, thinking, (path, line))
+    return Conversation(messages, tools, thinking)
 
 
 def render(

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep.chat import Conversation, parse_messages, render
+from data_prep.chat import Conversation, parse_messages, parse_tools, render
 from data_prep.errors import BadRecord, ErrorPolicy, OnError
 from data_prep.pretrain import expand_inputs
 from data_prep.readers import iter_records
@@ -62,7 +62,7 @@ def _conversation(record: dict[str, Any], path: str, line: int, thinking: bool) 
     enable = record.get("enable_thinking", thinking)
     if not isinstance(enable, bool):
         raise BadRecord(path, line, "bad_messages", "'enable_thinking' must be true or false")
-    return Conversation(messages, record.get("tools"), enable, (path, line))
+    return Conversation(messages, parse_tools(record.get("tools"), path, line), enable)
 
 
 def prepare_rl(

@@ -42,6 +42,4 @@ def read_parquet(path: str | Path, expected_format: str) -> tuple[pa.Table, dict
 def list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     """``(values, offsets)`` NumPy views of a list column: row i is ``values[offsets[i]:offsets[i+1]]``."""
     column = table.column(name).combine_chunks()
-    if isinstance(column, pa.ChunkedArray):  # zero chunks
-        column = pa.array([], type=column.type)
     return column.values.to_numpy(zero_copy_only=False), column.offsets.to_numpy()
