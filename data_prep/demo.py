@@ -1,4 +1,4 @@
-"""``data_prep demo``: every artifact the tiny CPU recipes need, built from nothing in ~30 s.
+"""``data_prep demo``: every artifact the tiny CPU recipes need, built from nothing in ~5-10 s.
 
 Layout under DIR: ``corpus/`` (make-corpus), ``tokenizer/`` (train-tokenizer),
 ``pretrain/{topics,docstrings}.{bin,idx}``, ``blend.yaml``, ``sft/{train,eval}.parquet``,
