@@ -263,3 +263,27 @@ def test_parquet_null_and_non_string_columns(tmp_path: Path, tokenizer_dir: Path
     )
     assert stats["skipped"] == {"missing_key": 2, "not_string": 2}
     assert stats["documents"] == 2
+
+
+def test_bad_record_in_worker_process_reports_location(
+    tmp_path: Path, corpus: Path, tokenizer_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copy(corpus / "pretrain" / "topics.jsonl", tmp_path / "a.jsonl")
+    bad = _write_bad(tmp_path, "b.jsonl", GOOD + b'{"text": 3}\n')
+    code = main(
+        [
+            "pretrain",
+            "--input",
+            str(tmp_path / "*.jsonl"),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--output-prefix",
+            str(tmp_path / "out"),
+            "--workers",
+            "2",
+            "--no-progress",
+        ]
+    )
+    assert code == 1
+    assert f"{bad}:2: not_string:" in capsys.readouterr().err
+    assert not Path(f"{tmp_path / 'out'}.bin").exists()
