@@ -14,6 +14,19 @@ from joyai_megatron.convert.dist_ckpt import MODEL_KEY_PREFIXES, TensorInfo, ckp
 from joyai_megatron.convert.mapping import MappingTable, TensorMap
 
 
+def mismatch(
+    name: str, found: object, found_side: str, expected: object, expected_side: str
+) -> ConversionError:
+    """The error for the first offending tensor: its name and both sides' shapes."""
+
+    def show(shape: object) -> str:
+        return "no such tensor" if shape is None else f"shape {fmt_shape(shape)}"
+
+    return ConversionError(
+        f"tensor {name}: {found_side} has {show(found)}, {expected_side} implies {show(expected)}"
+    )
+
+
 @dataclass(frozen=True)
 class Region:
     """A rectangle of a stored global tensor."""
@@ -79,28 +92,18 @@ def check_checkpoint(
             key, _ = ckpt_location(name)
             if key in stored:
                 if stored[key].shape != expected[key]:
-                    raise ConversionError(
-                        f"tensor {key}: checkpoint has shape {fmt_shape(stored[key].shape)}, the "
-                        f"architecture expects {fmt_shape(expected[key])}"
-                    )
+                    raise mismatch(key, stored[key].shape, "the checkpoint", expected[key], _ARCH)
                 present.append(name)
         if not present:
             key, _ = ckpt_location(row.megatron)
-            raise ConversionError(
-                f"tensor {key}: missing from the checkpoint, the architecture expects "
-                f"{fmt_shape(expected[key])}"
-            )
+            raise mismatch(key, None, "the checkpoint", expected[key], _ARCH)
         found[row.megatron] = present
     for key, info in stored.items():
         if not key.startswith(MODEL_KEY_PREFIXES) or key in expected:
             continue
         if ignore_mtp and key.startswith("mtp."):
             continue
-        raise ConversionError(
-            f"tensor {key} {fmt_shape(info.shape)} in the checkpoint has no place in the architecture "
-            f"({table.arch.num_layers} layers, {table.arch.num_experts} experts, hidden "
-            f"{table.arch.hidden_size}, mtp_num_layers={table.arch.mtp_num_layers if table.include_mtp else 0})"
-        )
+        raise mismatch(key, info.shape, "the checkpoint", None, f"{_ARCH} ({_describe(table)})")
     return found
 
 
@@ -138,6 +141,15 @@ def check_hf(
             f"config.json ({table.arch.num_layers} layers, {table.arch.num_experts} experts)"
         )
     return absent
+
+
+_ARCH = "the recipe's architecture"
+
+
+def _describe(table: MappingTable) -> str:
+    a = table.arch
+    mtp = a.mtp_num_layers if table.include_mtp else 0
+    return f"{a.num_layers} layers + {mtp} MTP, {a.num_experts} experts, hidden {a.hidden_size}, vocab {a.vocab_size}"
 
 
 def _hf_layer(name: str) -> int | None:
