@@ -9,7 +9,8 @@
 #
 # Variables mapped to sbatch flags (unset: the script's #SBATCH default applies):
 #   NNODES -> --nodes; GPUS_PER_NODE -> --gpus-per-node and --ntasks-per-node (one task per GPU;
-#   0 = CPU mode with NTASKS_PER_NODE tasks per node); JOB_DEPENDENCY -> --dependency;
+#   0 = CPU mode with NTASKS_PER_NODE tasks per node); CPUS_PER_TASK -> --cpus-per-task;
+#   JOB_DEPENDENCY -> --dependency;
 #   LOG_ROOT [REPO/runs/slurm] -> --output=LOG_ROOT/%x-%j.out (data_prep: %x-%A_%a.out);
 #   data_prep only: the array defaults to one task per file matching INPUT_GLOB;
 #   SBATCH_ARGS: any further sbatch flags, whitespace separated.
@@ -47,6 +48,7 @@ if [[ -n "${GPUS_PER_NODE:-}" ]]; then
         flags+=(--gpus-per-node="${GPUS_PER_NODE}" --ntasks-per-node="${GPUS_PER_NODE}")
     fi
 fi
+if [[ -n "${CPUS_PER_TASK:-}" ]]; then flags+=(--cpus-per-task="${CPUS_PER_TASK}"); fi
 if [[ -n "${JOB_DEPENDENCY:-}" ]]; then flags+=(--dependency="${JOB_DEPENDENCY}"); fi
 
 is_array=0

@@ -35,6 +35,8 @@ TERMINAL_STATES = {
     "DEADLINE",
     "PREEMPTED",
 }
+# Pending reasons that no amount of waiting fixes on a one-node test cluster.
+HOPELESS_REASONS = {"PartitionConfig", "BadConstraints", "PartitionNodeLimit", "InvalidAccount", "InvalidQOS"}
 TRAINER_MAIN = REPO / "joyai_megatron" / "__main__.py"
 
 
@@ -190,6 +192,7 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             GPUS_PER_NODE="0",
             NTASKS_PER_NODE="2",
             NNODES="1",
+            CPUS_PER_TASK="1",
             LOG_ROOT=str(log_root),
             REPO_DIR=str(REPO),
         )
@@ -223,6 +226,10 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             job = self.job(job_id)
             if job.state in TERMINAL_STATES:
                 return job
+            if job.state == "PENDING" and job.info.get("Reason") in HOPELESS_REASONS:
+                raise AssertionError(
+                    f"job {job_id} can never start here ({job.info['Reason']})\n{self.diagnostics(job_id)}"
+                )
             time.sleep(0.5)
         raise AssertionError(
             f"job {job_id} still {job.state} after {timeout:.0f} s\n{self.diagnostics(job_id)}"
