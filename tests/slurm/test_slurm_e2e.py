@@ -14,8 +14,9 @@ from slurmci import PYTHON, REPO, Job, SlurmCluster, assert_completed, job_outpu
 pytestmark = pytest.mark.slurm
 
 # Synthetic batches (Megatron's MockGPTDataset) and no tokenizer: these tests are about the
-# launch, not the data, and must not depend on runs/demo having been built.
-MOCK_DATA = "data.mock=true data.tokenizer=''"
+# launch, not the data, and must not depend on runs/demo having been built. micro_batch_size=1:
+# tiny_cpu/stage1's batch ramp (4 -> 8 by 2) needs mbs*dp to divide 2 on 2 ranks.
+MOCK_DATA = "data.mock=true data.tokenizer='' train.micro_batch_size=1"
 JOB_TIMEOUT = 240
 
 
