@@ -76,6 +76,8 @@ def redirect_cuda_device(target: str = "cpu") -> Iterator[None]:
             torch.cuda.current_stream = lambda *a, **k: _NULL_STREAM  # type: ignore[assignment]
             _saved["synchronize"] = torch.cuda.synchronize
             torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+            _saved["tensor_cuda"] = torch.Tensor.cuda
+            torch.Tensor.cuda = lambda self, *a, **k: self.to(target)  # type: ignore[method-assign]
             for name in _FACTORIES:
                 _saved[name] = getattr(torch, name)
                 setattr(torch, name, _redirect_factory(_saved[name], target))
@@ -89,6 +91,7 @@ def redirect_cuda_device(target: str = "cpu") -> Iterator[None]:
                 torch.cuda.current_device = _saved.pop("current_device")
                 torch.cuda.current_stream = _saved.pop("current_stream")
                 torch.cuda.synchronize = _saved.pop("synchronize")
+                torch.Tensor.cuda = _saved.pop("tensor_cuda")  # type: ignore[method-assign]
                 for name in _FACTORIES:
                     setattr(torch, name, _saved.pop(name))
 
@@ -122,6 +125,13 @@ _SITES: list[tuple[str, str, str]] = [
         "megatron.core.transformer.multi_token_prediction",
         "MTPLossLoggingHelper.save_metrics_to_tracker",
         "374-378",
+    ),
+    # language_module.py l.307: the MTP / last pipeline stage's embedding copy is moved with
+    # `.cuda()` before the first/last-stage all-reduce.
+    (
+        "megatron.core.models.common.language_module.language_module",
+        "LanguageModule.setup_embeddings_and_output_layer",
+        "307",
     ),
     # optimizer.py l.1249: FP32Optimizer's `_scale = torch.tensor([1.0], device='cuda')`.
     ("megatron.core.optimizer.optimizer", "FP32Optimizer.__init__", "1249"),

@@ -99,6 +99,7 @@ def build_transformer_config(
         mtp_loss_scaling_factor=model.mtp_loss_weight,
         # Precision.
         params_dtype=dtype,
+        pipeline_dtype=dtype,
         bf16=dtype is torch.bfloat16,
         fp16=dtype is torch.float16,
         fp8=precision.fp8,

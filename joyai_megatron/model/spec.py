@@ -9,7 +9,10 @@ Engine unless ``te`` is asked for.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import importlib.util
+from typing import Any
 
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
@@ -17,10 +20,12 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_mtp_block_spec,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from joyai_megatron.model.attention import SDPACoreAttention
+from joyai_megatron.model.norm import LocalRMSNorm
 
 
 def require_transformer_engine() -> None:
@@ -32,9 +37,40 @@ def require_transformer_engine() -> None:
         )
 
 
-def _with_local_attention(spec: ModuleSpec) -> ModuleSpec:
+def _swap_norms(node: Any, seen: set[int] | None = None) -> Any:
+    """Replace Megatron's torch-norm fallback by ``LocalRMSNorm`` everywhere in a spec tree."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return node
+    seen.add(id(node))
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if value is WrappedTorchNorm:
+                setattr(node, f.name, LocalRMSNorm)
+            elif isinstance(value, list):
+                setattr(
+                    node,
+                    f.name,
+                    [LocalRMSNorm if v is WrappedTorchNorm else _swap_norms(v, seen) for v in value],
+                )
+            else:
+                _swap_norms(value, seen)
+    elif isinstance(node, ModuleSpec):
+        _swap_norms(node.submodules, seen)
+    elif isinstance(node, functools.partial):
+        for value in node.keywords.values():
+            _swap_norms(value, seen)
+    return node
+
+
+def _localize(spec: Any) -> Any:
+    """The ``local`` backend: SDPA core attention and sequence-parallel-capable RMSNorm."""
     spec = copy.deepcopy(spec)
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    _swap_norms(spec)
+    layers = spec.layer_specs if isinstance(spec, TransformerBlockSubmodules) else [spec]
+    for layer in layers:
+        layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec
 
 
@@ -48,9 +84,7 @@ def decoder_block_spec(
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
     )
-    if not use_te:
-        block.layer_specs = [_with_local_attention(s) for s in block.layer_specs]
-    return block
+    return block if use_te else _localize(block)
 
 
 def dense_layer_spec(config: TransformerConfig, backend: str) -> ModuleSpec:
@@ -61,7 +95,7 @@ def dense_layer_spec(config: TransformerConfig, backend: str) -> ModuleSpec:
     spec = get_gpt_decoder_layer_specs(dense_config, use_transformer_engine=use_te, normalization="RMSNorm")[
         0
     ]
-    return spec if use_te else _with_local_attention(spec)
+    return spec if use_te else _localize(spec)
 
 
 def mtp_block_spec(
@@ -74,10 +108,11 @@ def mtp_block_spec(
     """
     if not config.mtp_num_layers:
         return None
-    return get_gpt_mtp_block_spec(
+    spec = get_gpt_mtp_block_spec(
         config,
         dense_layer_spec(config, backend),
         use_transformer_engine=backend == "te",
         vp_stage=vp_stage,
         pp_rank=pp_rank,
     )
+    return spec if backend == "te" or spec is None else _swap_norms(spec)

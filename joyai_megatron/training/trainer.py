@@ -288,32 +288,50 @@ class Trainer:
             k.replace(" ", "_"): float(totals[i, 0] / totals[i, 1].clamp(min=1)) for i, k in enumerate(keys)
         }
 
-    def _mtp_loss(self, num_microbatches: int) -> float | None:
-        tracker = MTPLossLoggingHelper.tracker
-        if "loss_values" not in tracker:
-            return None
-        MTPLossLoggingHelper.reduce_metrics_in_tracker()
-        value = float(tracker["loss_values"].sum()) / num_microbatches
-        MTPLossLoggingHelper.clean_metrics_in_tracker()
-        src = dist.get_world_size() - 1  # the last pipeline stage holds the MTP block
-        value_t = torch.tensor([value], dtype=torch.float64)
+    def _all_reduce(self, values: list[float], op: dist.ReduceOp.RedOpType) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64)
         if torch.cuda.is_available():
-            value_t = value_t.cuda()  # gpu-only
-        dist.broadcast(value_t, src)
-        return float(value_t.item())
+            tensor = tensor.cuda()  # gpu-only
+        dist.all_reduce(tensor, op=op)
+        return tensor.tolist()
+
+    def _mtp_loss(self, num_microbatches: int) -> float:
+        """MTP loss averaged over micro-batches and DP ranks; only the stage holding the MTP block
+        has it, so every rank joins one all-reduce with that stage's value."""
+        tracker = MTPLossLoggingHelper.tracker
+        value = 0.0
+        if "loss_values" in tracker:
+            MTPLossLoggingHelper.reduce_metrics_in_tracker()
+            owner = (
+                parallel_state.get_tensor_model_parallel_rank() == 0
+                and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
+                and parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            )
+            if owner:
+                value = float(tracker["loss_values"].sum()) / num_microbatches
+            MTPLossLoggingHelper.clean_metrics_in_tracker()
+        return self._all_reduce([value], dist.ReduceOp.SUM)[0]
 
     def _moe_stats(self) -> dict[str, float]:
-        stats: dict[str, float] = {}
+        """Worst expert-load spread (max/min tokens per expert, over this step's global batch) and
+        the expert-bias range, over all MoE layers on all pipeline stages."""
+        spread, bias_lo, bias_hi = 0.0, float("-inf"), float("-inf")
         if self._expert_counts:
-            counts = torch.stack([c.double().cpu() for c in self._expert_counts])
-            spread = counts.max(dim=1).values / counts.min(dim=1).values.clamp(min=1)
-            stats["moe/load_max_over_min"] = float(spread.max())
-        routers = self._routers()
-        if routers and routers[0].expert_bias is not None:
+            counts = torch.stack([c.double() for c in self._expert_counts])
+            if torch.cuda.is_available():
+                counts = counts.cuda()  # gpu-only
+            dist.all_reduce(
+                counts, group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+            )
+            spread = float((counts.max(dim=1).values / counts.min(dim=1).values.clamp(min=1)).max())
+        routers = [r for r in self._routers() if r.expert_bias is not None]
+        if routers:
             biases = torch.stack([r.expert_bias.detach().float().cpu() for r in routers])
-            stats["moe/bias_min"] = float(biases.min())
-            stats["moe/bias_max"] = float(biases.max())
-        return stats
+            bias_lo, bias_hi = -float(biases.min()), float(biases.max())
+        spread, bias_lo, bias_hi = self._all_reduce([spread, bias_lo, bias_hi], dist.ReduceOp.MAX)
+        if bias_hi == float("-inf"):
+            return {}
+        return {"moe/load_max_over_min": spread, "moe/bias_min": -bias_lo, "moe/bias_max": bias_hi}
 
     def train_step(self) -> dict[str, float]:
         self.stage.before_step(self)
@@ -338,7 +356,7 @@ class Trainer:
         self.logger.count_tokens(tokens)
         update_num_microbatches(self.state.consumed_samples, consistency_check=True)
         values = self._reduce_losses(losses)
-        mtp = self._mtp_loss(num_mb) if self.config.mtp_num_layers else None
+        mtp = self._mtp_loss(num_mb) if self.config.mtp_num_layers and self.stage.uses_mtp_loss else None
         if "lm_loss" in values:
             values["loss"] = values["lm_loss"] + (
                 self.config.mtp_loss_scaling_factor * mtp if mtp is not None else 0.0
