@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,10 +102,19 @@ def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Ite
         else:
             tmp.rename(output)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(tmp)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_tree(path: Path, attempts: int = 25) -> None:
+    """rmtree that outlasts a writer thread finishing its last chunk after an interrupt."""
+    for _ in range(attempts):
+        if not path.exists():
+            return
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            time.sleep(0.2)
 
 
 TOKENIZER_FILES = (

@@ -226,6 +226,7 @@ class _LazySavePlanner(SavePlanner):
             raise ConversionError("two chunks planned for the same tensor region")
         self.objects = objects
         self.on_write = on_write
+        self.stop = threading.Event()
 
     def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = False) -> None:  # type: ignore[override]
         self.is_coordinator = is_coordinator
@@ -253,6 +254,8 @@ class _LazySavePlanner(SavePlanner):
         return new_plan
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        if self.stop.is_set():  # the save was interrupted: DCP's other writer threads end here
+            raise ConversionError(f"stopped before {write_item.index.fqn}")
         if write_item.type == WriteItemType.BYTE_IO:
             buf = io.BytesIO()
             torch.save([self.objects[write_item.index.fqn]], buf)
@@ -289,5 +292,10 @@ def write_dist_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
     objects = {"common_state/shard_0_1": {}, **objects}
     writer = FileSystemWriter(path, single_file_per_rank=True, thread_count=max(1, threads))
-    dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(chunks, objects, on_write), no_dist=True)
+    planner = _LazySavePlanner(chunks, objects, on_write)
+    try:
+        dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+    except BaseException:
+        planner.stop.set()
+        raise
     (path / "metadata.json").write_text(json.dumps(MEGATRON_BACKEND_MARKER))

@@ -12,7 +12,7 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +115,9 @@ def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list
     return [s for s in shards if s]
 
 
-def _write_shard(path: Path, tensors: list[PlannedTensor], on_write: Callable[[int], None] | None) -> None:
+def _write_shard(
+    path: Path, tensors: list[PlannedTensor], on_write: Callable[[int], None] | None, stop: threading.Event
+) -> None:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
@@ -131,6 +133,8 @@ def _write_shard(path: Path, tensors: list[PlannedTensor], on_write: Callable[[i
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for t in tensors:
+            if stop.is_set():  # another shard failed or the run was interrupted: stop promptly
+                raise ConversionError(f"{path.name}: stopped before {t.name}")
             data = t.make()
             if tuple(data.shape) != t.shape or data.dtype != t.dtype:
                 raise ConversionError(
@@ -155,23 +159,22 @@ def write_hf_shards(
     """Write ``model-0000i-of-0000N.safetensors`` (in parallel threads) and the index; returns weight_map."""
     shards = plan_shards(tensors, max_shard_bytes)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        futures = [
-            pool.submit(_write_shard, out_dir / n, s, on_write) for n, s in zip(names, shards, strict=True)
-        ]
-        try:
-            for fut in futures:
-                fut.result()
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="shard-writer")
+    futures = [
+        pool.submit(_write_shard, out_dir / n, s, on_write, stop) for n, s in zip(names, shards, strict=True)
+    ]
+    try:
+        for fut in futures:
+            fut.result()
+    except BaseException:
+        # Ctrl-C / SIGTERM / a failed shard: writers stop after their current tensor, so the
+        # caller can remove the partial output without a thread still writing into it.
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     weight_map = {t.name: n for n, s in zip(names, shards, strict=True) for t in s}
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return weight_map
-
-
-def iter_hf_tensors(hf: HFCheckpoint, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    for name in names:
-        yield name, hf.get(name)

@@ -31,9 +31,8 @@ def init_single_process() -> None:
     from joyai_megatron.compat import apply_cpu_redirects
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # A private address: inherited MASTER_PORT (torchrun, Slurm, a parent test) may be taken.
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
     apply_cpu_redirects()

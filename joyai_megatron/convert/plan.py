@@ -116,30 +116,34 @@ def check_hf(
     whole MTP layer; some releases keep only its distinct tensors).
     """
     expected = table.hf_shapes(with_copies=True)
+    arch = table.arch
+    n_layers = arch.num_layers + (arch.mtp_num_layers if table.include_mtp else 0)
+    layers = {i for i in map(_hf_layer, shapes) if i is not None}
+    if ignore_mtp_layers:
+        layers = {i for i in layers if i < arch.num_layers}
+    side = f"config.json ({_describe(table)})"
+    if layers != set(range(n_layers)):
+        # A layer-count mismatch would otherwise surface as a confusing MTP/MoE shape error.
+        extra = sorted(layers - set(range(n_layers)))
+        if extra:
+            name = next(n for n in shapes if _hf_layer(n) == extra[0])
+            raise mismatch(name, shapes[name], "the HF checkpoint", None, side)
+        missing = min(set(range(n_layers)) - layers)
+        name = next(n for n in expected if _hf_layer(n) == missing)
+        raise mismatch(name, None, "the HF checkpoint", expected[name], side)
     copies = set(table.copy_of)
     absent = []
     for name, shape in expected.items():
-        if name not in shapes:
-            if name in copies:
-                absent.append(name)
-                continue
-            raise ConversionError(
-                f"tensor {name}: missing from the HF checkpoint, config.json implies {fmt_shape(shape)}"
-            )
-        if tuple(shapes[name]) != shape:
-            raise ConversionError(
-                f"tensor {name}: HF checkpoint has shape {fmt_shape(shapes[name])}, config.json implies {fmt_shape(shape)}"
-            )
-    mtp_first = table.arch.num_layers
+        if name not in shapes and name in copies:
+            absent.append(name)
+        elif name not in shapes or tuple(shapes[name]) != shape:
+            raise mismatch(name, shapes.get(name), "the HF checkpoint", shape, side)
     for name, shape in shapes.items():
         if name in expected:
             continue
-        if ignore_mtp_layers and _hf_layer(name) is not None and _hf_layer(name) >= mtp_first:  # type: ignore[operator]
+        if ignore_mtp_layers and (_hf_layer(name) or 0) >= arch.num_layers:
             continue
-        raise ConversionError(
-            f"tensor {name} {fmt_shape(shape)} in the HF checkpoint has no place in the architecture of "
-            f"config.json ({table.arch.num_layers} layers, {table.arch.num_experts} experts)"
-        )
+        raise mismatch(name, shape, "the HF checkpoint", None, side)
     return absent
 
 
