@@ -60,8 +60,7 @@ def build_megatron_model(
         arch, ModelCfg(backend=backend, mtp_enabled=mtp), parallel or ParallelCfg(), PrecisionCfg(dtype=dtype)
     )
     torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        model_parallel_cuda_manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
     return build_joyai_model(
         config, arch, backend, pre_process=pre_process, post_process=post_process, pp_rank=pp_rank
     )
@@ -71,10 +70,7 @@ def load_megatron_checkpoint(model: torch.nn.Module, iteration_dir: str | os.Pat
     """Load ``model``'s shard of a ``torch_dist`` checkpoint with Megatron's loader (resharding)."""
     from megatron.core import dist_checkpointing
 
-    from joyai_megatron.compat import cuda_device_as_cpu
-
-    with cuda_device_as_cpu():
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(Path(iteration_dir)))
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(Path(iteration_dir)))
     model.load_state_dict(state["model"], strict=True)
 
 

@@ -139,17 +139,8 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 def save_with_megatron(model: torch.nn.Module, directory: Path) -> None:
-    """``dist_checkpointing.save`` from this process, as the trainer does (CPU-safe)."""
+    """``dist_checkpointing.save`` from this process, as the trainer does."""
     from megatron.core import dist_checkpointing
 
-    from joyai_megatron.compat import cuda_device_as_cpu
-
     directory.mkdir(parents=True, exist_ok=True)
-    sync = torch.cuda.synchronize
-    if not torch.cuda.is_available():
-        torch.cuda.synchronize = lambda *a, **k: None  # Megatron's save syncs CUDA unconditionally
-    try:
-        with cuda_device_as_cpu():
-            dist_checkpointing.save({"model": model.sharded_state_dict()}, str(directory))
-    finally:
-        torch.cuda.synchronize = sync
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(directory))

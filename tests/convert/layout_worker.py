@@ -10,7 +10,6 @@ PP run a forward and compare logits with the reference the test computed with tr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -20,24 +19,16 @@ import torch
 import torch.distributed as dist
 
 
-def _config(arch, tp: int, pp: int, ep: int, etp: int):
-    from joyai_megatron.config.schema import ModelCfg, ParallelCfg, PrecisionCfg
-    from joyai_megatron.model.config import build_transformer_config
-
-    cfg = build_transformer_config(arch, ModelCfg(), ParallelCfg(tp=tp, pp=1, ep=ep, etp=etp), PrecisionCfg())
-    if pp > 1:  # model/config.py does not set pipeline_dtype, which Megatron requires for PP > 1
-        cfg = dataclasses.replace(cfg, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32)
-    return cfg
-
-
 def run_layout(name: str, tp: int, pp: int, ep: int, etp: int, src: Path, out: Path, ref: dict) -> dict:
     from megatron.core import dist_checkpointing, parallel_state
 
     from joyai_megatron.compat import cuda_device_as_cpu
+    from joyai_megatron.config.schema import ModelCfg, ParallelCfg, PrecisionCfg
     from joyai_megatron.convert.live import hf_named_tensors
     from joyai_megatron.convert.megatron_model import load_megatron_checkpoint, megatron_logits
     from joyai_megatron.convert.to_hf import arch_from_recipe, load_checkpoint_recipe
     from joyai_megatron.model.build import build_joyai_model
+    from joyai_megatron.model.config import build_transformer_config
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -50,22 +41,15 @@ def run_layout(name: str, tp: int, pp: int, ep: int, etp: int, src: Path, out: P
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     arch = arch_from_recipe(load_checkpoint_recipe(src))
     torch.manual_seed(rank + 7)  # different init per rank: only the loaded weights may matter
-    cuda = torch.Tensor.cuda
-    if not torch.cuda.is_available():
-        # PP>1 with MTP: language_module.py moves the last stage's embedding copy to CUDA to
-        # all-reduce it; compat does not redirect that site yet.
-        torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
-    try:
-        model = build_joyai_model(
-            _config(arch, tp, pp, ep, etp),
-            arch,
-            "local",
-            pre_process=pp_rank == 0,
-            post_process=pp_rank == pp - 1,
-            pp_rank=pp_rank,
-        )
-    finally:
-        torch.Tensor.cuda = cuda  # type: ignore[method-assign]
+    parallel = ParallelCfg(tp=tp, pp=pp, ep=ep, etp=etp)
+    model = build_joyai_model(
+        build_transformer_config(arch, ModelCfg(), parallel, PrecisionCfg()),
+        arch,
+        "local",
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == pp - 1,
+        pp_rank=pp_rank,
+    )
     load_megatron_checkpoint(model, src)
     result: dict = {"layout": name, "rank": rank}
     if tp == 1:
@@ -83,8 +67,7 @@ def run_layout(name: str, tp: int, pp: int, ep: int, etp: int, src: Path, out: P
         target.mkdir(parents=True)
         shutil.copy(src / "recipe.yaml", target / "recipe.yaml")
     dist.barrier()
-    with cuda_device_as_cpu():
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(target))
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(target))
     dist.barrier()
     if rank == 0:
         (out / "latest_checkpointed_iteration.txt").write_text("10")
@@ -103,8 +86,6 @@ def main() -> None:
     from joyai_megatron.compat import apply_cpu_redirects
 
     apply_cpu_redirects()
-    if not torch.cuda.is_available():
-        torch.cuda.synchronize = lambda *a, **k: None  # Megatron's save syncs CUDA unconditionally
     ref = torch.load(args.ref)
     results = []
     for spec in args.layouts:
