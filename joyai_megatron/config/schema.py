@@ -159,26 +159,41 @@ class DPOCfg:
 @dataclass
 class RLCfg:
     loss: str = "fiberpo"  # fiberpo | fiberpo_domain | grpo | gspo
-    delta: float = 1e-3
-    c_minus: float = 4e-4
-    eps: float = 0.2
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.28
-    kl_coef: float = 0.0
-    kl_type: str = "k3"
-    group_size: int = 8
-    prompts_per_step: int = 8
+    # FiberPO budgets: the defaults of rl/fiberpo.py (reasoning in docs/fiberpo.md, section 3).
+    delta: float = 7e-4
+    c_minus: float = 3e-4
+    eps: float = 1e-4
+    # fiberpo_domain: budgets of the prompt-group and domain levels (rl/fiberpo_domain.py defaults).
+    group_delta: float = 7e-4
+    group_c_minus: float = 3e-4
+    domain_delta: float = 7e-4
+    domain_c_minus: float = 3e-4
+    # grpo / gspo clip range; None takes the loss's own default (GRPO 0.2 / 0.2, GSPO 3e-4 / 4e-4).
+    clip_eps_low: float | None = None
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None  # grpo only
+    kl_coef: float = 0.0  # > 0 keeps a frozen copy of the initial weights as the KL reference
+    kl_type: str = "k3"  # k1 | k3
+    group_size: int = 8  # samples per prompt
+    prompts_per_step: int = 8  # prompts per rollout batch
+    steps_per_rollout: int = 1  # optimizer steps (mini-batches) per rollout batch
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
     normalize_std: bool = True
     filter_zero_variance: bool = True
     rollout_backend: str = "local"  # local | vllm | sglang
-    async_rollout: bool = False
-    tis_clip: float | None = None
-    routing_replay: bool = False
+    rollout_args: dict[str, Any] = field(default_factory=dict)  # extra engine arguments (vllm/sglang)
+    async_rollout: bool = False  # generate rollout k+1 while training on rollout k (one step stale)
+    tis_clip: float | None = None  # truncated importance sampling of old-policy vs rollout log-probs
+    routing_replay: bool = False  # replay the old-log-prob pass's MoE routing in the update
     curriculum: bool = False
-    reward: str = "math"
+    pass_rates: str | None = None  # JSON {prompt id: pass rate}; None estimates them at start
+    pass_rate_rollouts: int = 10
+    reward: str = "math"  # a registered reward, or "prompt" (each prompt's own verifier field)
+    eval_path: str | None = None  # held-out prompts (data_prep rl output) for greedy pass@1
+    eval_interval: int = 0  # steps between evaluations (0: off); also before step 1 and at the end
+    eval_prompts: int = 64
 
 
 @dataclass
