@@ -81,10 +81,14 @@ class Stage(ABC):
         return {}
 
     # --- shared --------------------------------------------------------------------------------
+    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """One micro-batch from its samples; stages with ragged fields (SFT's cu_seqlens) override."""
+        return collate(samples)
+
     def microbatches(self, split: str, start: int, num_microbatches: int) -> list[dict[str, torch.Tensor]]:
         dataset = self.datasets[split]
         mbs = self.recipe.train.micro_batch_size
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
         index_lists = microbatch_indices(start, num_microbatches, mbs, dp_rank, dp_size, len(dataset))
-        return [collate([dataset[i] for i in idx]) for idx in index_lists]
+        return [self.collate([dataset[i] for i in idx]) for idx in index_lists]
