@@ -144,7 +144,11 @@ class LoggingCfg:
 
 @dataclass
 class SFTCfg:
-    thinking_ratio: float | None = None  # None: keep the data's mix
+    # Packed rows mix conversations, so the thinking share is set by blending two packed files:
+    # a fraction ``thinking_ratio`` of rows from ``thinking_path``, the rest from ``data.sft_path``.
+    thinking_ratio: float | None = None  # None: keep the data's mix (data.sft_path only)
+    thinking_path: str | None = None  # packed SFT file of thinking conversations (data_prep sft)
+    valid_path: str | None = None  # packed SFT file for evaluation (needed when eval_interval > 0)
 
 
 @dataclass
@@ -154,6 +158,9 @@ class DPOCfg:
     sft_loss_weight: float = 0.0
     reference: str = "live"  # live | precomputed
     label_smoothing: float = 0.0
+    reference_checkpoint: str | None = None  # frozen reference weights; defaults to checkpoint.load
+    reference_logps: str | None = None  # precomputed file; defaults to <checkpoint.dir>/reference_logps.pt
+    valid_path: str | None = None  # preference pairs for evaluation (needed when eval_interval > 0)
 
 
 @dataclass
