@@ -208,6 +208,14 @@ class QATCfg:
     format: str = "int4_w4a16"  # int4_w4a16 | w4afp8 | fp8
     block_size: int = 128
     calib_batches: int = 4
+    # dynamic: INT4 scales are the per-block absmax of the current weights at every forward
+    # (fake quant = round-to-nearest of the master weights); static: ModelOpt's calibrated amax,
+    # frozen after calibration and stored in the checkpoint.
+    weight_amax: str = "dynamic"  # dynamic | static
+    data: str = "pretrain"  # whose data and loss QAT trains on: pretrain | sft
+    quantize_mtp: bool = False  # the MTP draft block stays high precision by default
+    exclude: list[str] = field(default_factory=list)  # extra module-name wildcards left unquantized
+    compare: bool = True  # evaluate unquantized / PTQ at the start and QAT at the end
 
 
 @dataclass
