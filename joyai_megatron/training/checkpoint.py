@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,8 +155,13 @@ def save_checkpoint(
     scheduler: Any,
     train_state: TrainState,
     keep_last: int,
+    write_extras: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Collective: every rank calls it.  Returns the final ``iter_*`` directory."""
+    """Collective: every rank calls it.  Returns the final ``iter_*`` directory.
+
+    ``write_extras(tmp_dir)`` (collective too) adds files that must be committed atomically with
+    the checkpoint, e.g. the QAT stage's sharded ModelOpt state.
+    """
     rank = dist.get_rank()
     final = iter_dir(root, train_state.iteration)
     tmp = final.with_name(final.name + ".tmp")
@@ -166,6 +172,8 @@ def save_checkpoint(
     dist.barrier()
     state = _full_sharded_state_dict(model, optimizer, scheduler, is_loading=False, with_optim=True)
     dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
+    if write_extras is not None:
+        write_extras(tmp)
     dist.barrier()
     if rank == 0:
         save_resolved_recipe(recipe, tmp)
