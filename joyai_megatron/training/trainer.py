@@ -248,7 +248,12 @@ class Trainer:
             self.scheduler,
             self.state,
             self.recipe.checkpoint.keep_last,
+            write_extras=self.write_checkpoint_extras,
         )
+
+    def write_checkpoint_extras(self, directory: Path) -> None:
+        """Hook for subclasses: write into a checkpoint before it is committed (collective)."""
+        del directory
 
     # --- steps ------------------------------------------------------------------------------------
     def run_microbatches(self, batches: list, forward_only: bool) -> list[dict[str, torch.Tensor]]:
