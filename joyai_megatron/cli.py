@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus-per-node", type=int, required=True)
     p.add_argument("--gpu-memory-gb", type=float, default=80.0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOPs utilisation")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU dense BF16 peak")
+    p.add_argument("--reserve-gb", type=float, default=None, help="default: 3 GB + 10%% of the GPU")
     args = parser.parse_args(argv)
     if args.command == "count":
         return _count(args)
