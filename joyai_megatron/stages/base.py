@@ -49,10 +49,18 @@ class Stage(ABC):
     name = "stage"
     # Whether the trainer should let Megatron-Core's GPTModel compute the MTP loss.
     uses_mtp_loss = True
+    # Parameter-name substrings the stage never trains (e.g. "mtp." for DPO): the trainer freezes
+    # them before DDP, so they keep their loaded values and get no gradient buffer or optimizer state.
+    frozen_parameters: tuple[str, ...] = ()
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
         self.datasets: dict[str, Any] = {}
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> None:  # noqa: B027 - optional hook, default no-op
+        """Raise on a bad stage section or missing input before any process group or model exists."""
+        del recipe
 
     @abstractmethod
     def build_datasets(self, train_samples: int, valid_samples: int) -> dict[str, Any]:

@@ -77,9 +77,11 @@ def ramp_schedule(total_iters: int, global_batch: int, rampup: list[int] | None)
 class Trainer:
     def __init__(self, recipe: Recipe, stage: type[Stage]) -> None:
         self.recipe = recipe
+        self.stage_class = stage
         self.arch = recipe_arch(recipe)
         env = read_dist_env()
         self.layout = validate_layout(recipe, self.arch, env.world_size)  # before any process group
+        stage.check_recipe(recipe)  # the stage's keys and files, also before any process group
         if recipe.model.backend == "te":
             require_transformer_engine()
         self.env = init_distributed()
@@ -154,6 +156,9 @@ class Trainer:
                 vp_stage=vp_stage,
                 max_sequence_length=self.recipe.train.seq_length,
             )
+            for name, param in model.named_parameters():
+                if any(part in name for part in self.stage_class.frozen_parameters):
+                    param.requires_grad_(False)  # before DDP: no grad buffer, no optimizer state
             if torch.cuda.is_available():
                 model.cuda(torch.cuda.current_device())  # gpu-only
             if self.config.bf16 or self.config.fp16:
