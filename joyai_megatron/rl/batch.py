@@ -1,0 +1,172 @@
+"""From generations to training micro-batches: rewards, group advantages, fixed-shape rows.
+
+A trajectory is one row of ``train.seq_length`` tokens: prompt + response, then padding that forms
+its own packed segment (positions restart), so ``pack_batch`` gives one THD sequence per
+micro-batch of a fixed total length (pipeline stages exchange fixed shapes). Per-token tensors are
+aligned to the *predicting* position j: ``labels[j]`` is token j + 1 and ``loss_mask[j]`` is 1 when
+that token belongs to the response, so the log-prob computed at j is the one the loss needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from joyai_megatron.rl.advantages import group_advantages
+from joyai_megatron.rl.prompts import Prompt
+from joyai_megatron.rl.rollout.base import Sample
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float]
+    reward: float
+    group: int  # index of the prompt within this rollout (global over data-parallel ranks)
+    domain: int
+    advantage: float = 0.0
+
+
+@dataclass
+class RolloutStats:
+    """Sums over this rank's samples (all-reduced with the other data-parallel ranks for logging)."""
+
+    samples: float = 0.0
+    reward: float = 0.0
+    solved: float = 0.0  # samples with reward 1 (pass@1 over samples)
+    response_tokens: float = 0.0
+    stopped: float = 0.0
+    groups: float = 0.0
+    groups_kept: float = 0.0
+
+
+def score(
+    prompts: list[Prompt],
+    groups: list[int],
+    generations: list[list[Sample]],
+    reward_for: Callable[[Prompt], Callable[[str, str], float]],
+    decode: Callable[[list[int]], str],
+    domain_index: dict[str, int],
+) -> list[Trajectory]:
+    """Decode and score every sample; prompt-major, as ``group_advantages`` expects."""
+    out = []
+    for prompt, group, samples in zip(prompts, groups, generations, strict=True):
+        verify = reward_for(prompt)
+        for sample in samples:
+            reward = verify(decode(sample.token_ids), prompt.reference)
+            out.append(
+                Trajectory(
+                    prompt.token_ids,
+                    sample.token_ids,
+                    sample.logprobs,
+                    reward,
+                    group,
+                    domain_index[prompt.domain],
+                )
+            )
+    return out
+
+
+def assign_advantages(
+    trajectories: list[Trajectory],
+    group_size: int,
+    *,
+    scale_by_std: bool,
+    filter_zero_variance: bool,
+    stop_token_ids: tuple[int, ...],
+) -> tuple[list[Trajectory], RolloutStats]:
+    """Group-normalised advantages; returns the kept trajectories and the rollout statistics."""
+    stats = RolloutStats()
+    if not trajectories:
+        return [], stats
+    rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float64)
+    adv = group_advantages(
+        rewards, group_size, scale_by_std=scale_by_std, filter_zero_variance=filter_zero_variance
+    )
+    kept = []
+    for traj, a, keep in zip(trajectories, adv.advantages.tolist(), adv.keep.tolist(), strict=True):
+        traj.advantage = a
+        if keep:
+            kept.append(traj)
+    stats.samples = float(len(trajectories))
+    stats.reward = float(rewards.sum())
+    stats.solved = float((rewards >= 1.0).sum())
+    stats.response_tokens = float(sum(len(t.response_ids) for t in trajectories))
+    stats.stopped = float(
+        sum(bool(t.response_ids) and t.response_ids[-1] in stop_token_ids for t in trajectories)
+    )
+    stats.groups, stats.groups_kept = float(adv.num_groups), float(adv.num_kept_groups)
+    return kept, stats
+
+
+def _row(traj: Trajectory | None, seq_length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    tokens = torch.full((seq_length,), pad_id, dtype=torch.long)
+    labels = torch.full((seq_length,), pad_id, dtype=torch.long)
+    mask = torch.zeros(seq_length)
+    rollout_lp = torch.zeros(seq_length)
+    position = torch.arange(seq_length)
+    if traj is None:
+        return {
+            "tokens": tokens,
+            "labels": labels,
+            "loss_mask": mask,
+            "rollout_logprobs": rollout_lp,
+            "position_ids": position,
+        }
+    p, r = len(traj.prompt_ids), len(traj.response_ids)
+    length = p + r
+    if length > seq_length:
+        raise ValueError(f"trajectory of {length} tokens exceeds train.seq_length={seq_length}")
+    tokens[:length] = torch.tensor(traj.prompt_ids + traj.response_ids)
+    labels[: length - 1] = tokens[1:length]
+    mask[p - 1 : length - 1] = 1.0
+    rollout_lp[p - 1 : length - 1] = torch.tensor(traj.rollout_logprobs, dtype=torch.float32)
+    position[length:] = torch.arange(seq_length - length)  # the padding is a segment of its own
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": mask,
+        "rollout_logprobs": rollout_lp,
+        "position_ids": position,
+    }
+
+
+def micro_batches(
+    trajectories: list[Trajectory],
+    num_microbatches: int,
+    micro_batch_size: int,
+    seq_length: int,
+    pad_id: int,
+    first_index: int,
+) -> list[dict[str, torch.Tensor]]:
+    """``num_microbatches`` batches of ``micro_batch_size`` rows; rows beyond the data are padding
+    (loss mask 0), so every data-parallel rank runs the same number of micro-batches."""
+    capacity = num_microbatches * micro_batch_size
+    if len(trajectories) > capacity:
+        raise ValueError(f"{len(trajectories)} trajectories exceed the mini-batch capacity {capacity}")
+    slots: list[Trajectory | None] = list(trajectories) + [None] * (capacity - len(trajectories))
+    out = []
+    for k in range(num_microbatches):
+        rows = slots[k * micro_batch_size : (k + 1) * micro_batch_size]
+        built = [_row(t, seq_length, pad_id) for t in rows]
+        batch = {key: torch.stack([b[key] for b in built]) for key in built[0]}
+        batch["advantages"] = torch.tensor([t.advantage if t else 0.0 for t in rows], dtype=torch.float32)
+        batch["group_ids"] = torch.tensor([t.group if t else -1 - i for i, t in enumerate(rows)])
+        batch["domain_ids"] = torch.tensor([t.domain if t else -1 for t in rows])
+        batch["mb_index"] = torch.tensor(first_index + k)
+        out.append(batch)
+    return out
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """``parts`` contiguous chunks whose sizes differ by at most one (mini-batches of a rollout)."""
+    base, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out

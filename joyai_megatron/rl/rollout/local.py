@@ -1,0 +1,190 @@
+"""The ``local`` rollout engine: an in-process ``transformers.DeepseekV3ForCausalLM``.
+
+Used on CPU (demo, tests) and as the reference the GPU engines are checked against. Weights come
+from the trainer through the same HF-checkpoint-named stream the vLLM/SGLang backends receive; this
+engine only adapts it to transformers' in-memory layout, which fuses each MoE layer's experts into
+``experts.gate_up_proj`` [E, 2I, H] (gate rows first) and ``experts.down_proj`` [E, H, I].
+
+Decoding is our own loop over the model's KV cache rather than ``generate``: sampling then draws
+from a private ``torch.Generator`` (so rollouts are a function of the seed, which makes resume
+exact, and a background thread never touches the global RNG), and the log-prob of each sampled
+token is taken from the very distribution it was drawn from.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+
+from joyai_megatron.convert.hf_config import arch_to_hf_config
+from joyai_megatron.model.presets import ModelArch
+from joyai_megatron.rl.rollout.base import RolloutEngine, Sample, SamplingParams
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def build_hf_model(arch: ModelArch, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A randomly initialised DeepseekV3ForCausalLM of ``arch`` without the MTP layer (transformers
+    does not implement it); the trainer's weights are synced in afterwards."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(**arch_to_hf_config(arch, include_mtp=False, dtype="float32"))
+    config._attn_implementation = "sdpa"
+    model = DeepseekV3ForCausalLM(config).to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+class HFWeightWriter:
+    """Writes HF-checkpoint-named tensors into a transformers model's (fused-expert) parameters."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.targets = dict(model.state_dict(keep_vars=False))
+        self.intermediate = model.config.moe_intermediate_size
+
+    def _slot(self, name: str) -> tuple[str, torch.Tensor]:
+        m = _EXPERT.match(name)
+        if not m:
+            if name not in self.targets:
+                raise KeyError(f"rollout weight sync: {name} has no counterpart in the HF model")
+            return name, self.targets[name]
+        prefix, expert, kind = m.group(1), int(m.group(2)), m.group(3)
+        if kind == "down_proj":
+            key = f"{prefix}.down_proj"
+            return f"{key}[{expert}]", self.targets[key][expert]
+        key, width = f"{prefix}.gate_up_proj", self.intermediate
+        rows = slice(0, width) if kind == "gate_proj" else slice(width, 2 * width)
+        return f"{key}[{expert},{kind}]", self.targets[key][expert, rows]
+
+    @torch.no_grad()
+    def write(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy every tensor in; returns the set of target slots written (for coverage checks)."""
+        written: set[str] = set()
+        for name, tensor in named_tensors:
+            slot, target = self._slot(name)
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"rollout weight sync: {name} has shape {tuple(tensor.shape)}, "
+                    f"the HF model expects {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+            written.add(slot)
+        return written
+
+    def expected_slots(self) -> set[str]:
+        """Every slot a full sync must write (fused experts counted per expert and half)."""
+        slots: set[str] = set()
+        persistent = {n for n, _ in self.model.named_parameters()}
+        persistent |= {n for n in self.targets if n.endswith("e_score_correction_bias")}
+        for name in persistent:
+            if name.endswith("experts.down_proj"):
+                slots |= {f"{name}[{e}]" for e in range(self.targets[name].shape[0])}
+            elif name.endswith("experts.gate_up_proj"):
+                experts = range(self.targets[name].shape[0])
+                slots |= {f"{name}[{e},{k}]" for e in experts for k in ("gate_proj", "up_proj")}
+            else:
+                slots.add(name)
+        return slots
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero the tail outside the smallest set of tokens whose mass reaches top_p (renormalised)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = torch.where(before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+class LocalHFEngine(RolloutEngine):
+    """Batched sampling with a KV cache on a transformers DeepseekV3 model held in this process."""
+
+    name = "local"
+
+    def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+        self.model = build_hf_model(arch, dtype).to(device)
+        self.device = torch.device(device)
+        self.writer = HFWeightWriter(self.model)
+        self._required = self.writer.expected_slots()
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        written = self.writer.write(named_tensors)
+        missing = self._required - written
+        if missing:
+            raise ValueError(
+                f"rollout weight sync left {len(missing)} HF tensors unwritten, e.g. {sorted(missing)[0]}"
+            )
+        return len(written)
+
+    @torch.no_grad()
+    def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full-sequence logits [b, s, V] (weight-sync checks compare these with Megatron's)."""
+        return self.model(input_ids=input_ids.to(self.device)).logits.float()
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]], n: int, params: SamplingParams, seed: int
+    ) -> list[list[Sample]]:
+        if not prompts:
+            return []
+        from transformers import DynamicCache
+
+        rows = [p for p in prompts for _ in range(n)]
+        width = max(len(p) for p in rows)
+        ids = torch.full((len(rows), width), params.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, p in enumerate(rows):  # left padding keeps every row's next position at the end
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        stop = torch.tensor(params.stop_token_ids or (-1,), device=self.device)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        tokens, logprobs = [], []
+        cache = DynamicCache(config=self.model.config)
+        step_ids, step_pos = ids, position
+        for _ in range(params.max_new_tokens):
+            out = self.model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1].float()
+            if params.temperature == 0:
+                next_ids = logits.argmax(-1)
+                logp = torch.log_softmax(logits, -1)
+            else:
+                logp = torch.log_softmax(logits / params.temperature, -1)
+                probs = _top_p_filter(logp.exp(), params.top_p)
+                next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            next_ids = torch.where(done, torch.full_like(next_ids, params.pad_token_id), next_ids)
+            tokens.append(next_ids)
+            logprobs.append(logp.gather(-1, next_ids[:, None]).squeeze(-1))
+            finished_now = torch.isin(next_ids, stop) & ~done
+            done = done | finished_now
+            if bool(done.all()):
+                break
+            step_ids, step_pos = next_ids[:, None], step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return _split(rows, torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu(), stop.cpu(), n)
+
+
+def _split(
+    rows: list[list[int]], tokens: torch.Tensor, logprobs: torch.Tensor, stop: torch.Tensor, n: int
+) -> list[list[Sample]]:
+    """Cut each row after its first stop token and group rows back per prompt."""
+    samples = []
+    for i in range(len(rows)):
+        hits = torch.nonzero(torch.isin(tokens[i], stop)).flatten()
+        length = int(hits[0]) + 1 if hits.numel() else tokens.shape[1]
+        samples.append(
+            Sample(tokens[i, :length].tolist(), logprobs[i, :length].tolist(), stopped=bool(hits.numel()))
+        )
+    return [samples[k * n : (k + 1) * n] for k in range(len(rows) // n)]

@@ -1,0 +1,71 @@
+"""The shared trainer with the RL stage's recipe checks and MoE routing replay switched on.
+
+Routing replay needs ``moe_enable_routing_replay`` in the TransformerConfig *before* the routers
+are built (each router then owns a ``RouterReplay``); everything else is the shared core.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from joyai_megatron.config.schema import Recipe
+from joyai_megatron.rl.objective import check_rl_config
+from joyai_megatron.training.distributed import read_dist_env
+from joyai_megatron.training.trainer import Trainer
+
+
+def check_rl_recipe(recipe: Recipe) -> None:
+    """Every RL-specific recipe error, raised before process groups or models exist."""
+    rl, t, p = recipe.rl, recipe.train, recipe.parallel
+    check_rl_config(rl)
+    if recipe.model.mtp_enabled:
+        raise ValueError(
+            "model.mtp_enabled must be false for rl: the MTP block is not trained on rollouts "
+            "(with no labels Megatron-Core would train it on every token); see docs/rl.md"
+        )
+    if p.cp != 1:
+        raise ValueError("parallel.cp must be 1 for rl: FiberPO's trajectory sums would need a CP all-reduce")
+    if t.eval_interval:
+        raise ValueError("train.eval_interval must be 0 for rl; use rl.eval_interval with rl.eval_path")
+    if rl.routing_replay and recipe.model.recompute != "none":
+        raise ValueError(
+            "rl.routing_replay needs model.recompute=none (replay during recompute is not wired)"
+        )
+    if rl.kl_coef > 0 and not recipe.checkpoint.load:
+        raise ValueError("rl.kl_coef > 0 needs checkpoint.load: the reference policy is that checkpoint")
+    for key, value in (("data.rl_path", recipe.data.rl_path), ("data.tokenizer", recipe.data.tokenizer)):
+        if not value:
+            raise ValueError(f"{key} must be set for rl")
+    if not Path(recipe.data.rl_path).is_file():
+        raise FileNotFoundError(
+            f"data.rl_path: {recipe.data.rl_path} does not exist (python -m data_prep rl)"
+        )
+    if rl.eval_interval and not rl.eval_path:
+        raise ValueError("rl.eval_interval > 0 needs rl.eval_path")
+    samples = rl.prompts_per_step * rl.group_size
+    if rl.steps_per_rollout < 1 or samples % rl.steps_per_rollout:
+        raise ValueError(
+            f"rl.steps_per_rollout={rl.steps_per_rollout} must divide prompts_per_step * group_size = {samples}"
+        )
+    if t.global_batch_size != samples // rl.steps_per_rollout:
+        raise ValueError(
+            f"train.global_batch_size must be rl.prompts_per_step * rl.group_size / rl.steps_per_rollout "
+            f"= {samples // rl.steps_per_rollout} trajectories, got {t.global_batch_size}"
+        )
+    if t.rampup_batch_size:
+        raise ValueError("train.rampup_batch_size is not supported for rl")
+    dp = read_dist_env().world_size // (p.tp * p.pp * p.cp)
+    if dp and rl.prompts_per_step % dp:
+        raise ValueError(
+            f"rl.prompts_per_step={rl.prompts_per_step} must divide over {dp} data-parallel ranks"
+        )
+
+
+class RLTrainer(Trainer):
+    def __init__(self, recipe: Recipe, stage: type) -> None:
+        check_rl_recipe(recipe)
+        super().__init__(recipe, stage)
+
+    def _build_model(self) -> list:
+        self.config.moe_enable_routing_replay = self.recipe.rl.routing_replay
+        return super()._build_model()

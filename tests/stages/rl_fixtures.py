@@ -1,0 +1,68 @@
+"""Data and recipes for the RL stage tests: a trained demo tokenizer and a few word problems."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+PROBLEMS = [
+    ("Mia has 3 apples and finds 4 more. How many apples does Mia have now?", "7"),
+    ("Leo has 9 coins and gives away 2. How many coins are left?", "7"),
+    ("How many letters are in the word lemon?", "5"),
+    ("Ava buys 2 bags with 3 shells in each. How many shells is that in total?", "6"),
+]
+
+
+def build_rl_data(root: Path) -> tuple[Path, Path]:
+    """(tokenizer dir, prompts JSONL) under ``root``, from the demo corpus (a few seconds)."""
+    import json
+
+    from data_prep.demo import make_corpus
+    from data_prep.rl import prepare_rl
+    from data_prep.train_tokenizer import train_tokenizer
+
+    corpus = root / "corpus"
+    make_corpus(corpus)
+    tokenizer = root / "tokenizer"
+    train_tokenizer([str(corpus / "**" / "*.jsonl")], tokenizer)
+    raw = root / "raw.jsonl"
+    raw.write_text(
+        "".join(
+            json.dumps({"prompt": q + " Give the final answer as 'Answer: N'.", "answer": a, "verifier": "math",
+                        "domain": "math" if i != 2 else "counting"}) + "\n"
+            for i, (q, a) in enumerate(PROBLEMS)
+        )
+    )  # fmt: skip
+    prompts = root / "rl.jsonl"
+    prepare_rl([str(raw)], str(tokenizer), str(prompts))
+    return tokenizer, prompts
+
+
+def write_rl_recipe(directory: Path, tokenizer: Path, prompts: Path, **sections: dict) -> Path:
+    """The tiny RL recipe shrunk for tests: 2 prompts x 4 samples per rollout, 2 steps per rollout."""
+    recipe = {
+        "base": str(REPO / "recipes" / "rl" / "tiny_cpu.yaml"),
+        "train": {"seq_length": 48, "micro_batch_size": 2, "global_batch_size": 4, "train_iters": 4},
+        "data": {"tokenizer": str(tokenizer), "rl_path": str(prompts), "cache_dir": str(directory / "cache")},
+        "rl": {
+            "group_size": 4,
+            "prompts_per_step": 2,
+            "steps_per_rollout": 2,
+            "max_new_tokens": 8,
+            "reward": "rl_test_parity",
+            "eval_path": str(prompts),
+            "eval_interval": 2,
+            "eval_prompts": 4,
+        },
+        "checkpoint": {"dir": str(directory / "ckpt"), "load": None, "save_interval": 0, "keep_last": 3},
+        "logging": {"dir": str(directory / "logs"), "interval": 1, "tensorboard": False},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    path = directory / "recipe.yaml"
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
