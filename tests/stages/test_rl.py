@@ -148,3 +148,61 @@ def test_resume_is_exact_mid_rollout_and_async(rl_data, tmp_path, shutdown):
         assert again[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
     state = _final_state(trainer)
     assert all(torch.equal(reference[k], state[k]) for k in reference)
+
+
+def test_engine_payload_is_the_hf_checkpoint_layout(tmp_path, shutdown):
+    """What vLLM / SGLang receive: every HF checkpoint tensor of the table once (MTP and its copies
+    included), and, saved as safetensors, a checkpoint transformers loads to the same logits."""
+    from safetensors.torch import save_file
+    from transformers import DeepseekV3ForCausalLM
+
+    from joyai_megatron.convert.hf_config import arch_to_hf_config
+    from joyai_megatron.convert.mapping import mapping_table
+    from joyai_megatron.convert.megatron_model import build_megatron_model, init_single_process
+    from joyai_megatron.model.presets import TINY
+    from joyai_megatron.rl.rollout.engines import buckets
+    from joyai_megatron.rl.rollout.weight_sync import full_model_hf_weights
+
+    init_single_process()
+    arch = TINY.replace(vocab_size=512)
+    model = build_megatron_model(arch, mtp=True)
+    payload = list(full_model_hf_weights([model], arch, include_mtp=True))
+    names = [n for n, _ in payload]
+    assert len(names) == len(set(names))
+    expected = mapping_table(arch, include_mtp=True).hf_shapes(with_copies=True)
+    assert {n: tuple(t.shape) for n, t in payload} == expected
+    groups = list(buckets(iter(payload), max_bytes=64 * 1024))
+    assert [n for g in groups for n, _ in g] == names
+    assert all(sum(t.numel() * t.element_size() for _, t in g) <= 64 * 1024 or len(g) == 1 for g in groups)
+
+    mtp_prefix = f"model.layers.{arch.num_layers}."  # transformers does not implement the MTP layer
+    main = [(n, t) for n, t in payload if not n.startswith(mtp_prefix)]
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    save_file({n: t.contiguous() for n, t in main}, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    import json
+
+    (hf_dir / "config.json").write_text(
+        json.dumps(arch_to_hf_config(arch, include_mtp=False, dtype="float32"))
+    )
+    hf = DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.randint(3, arch.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        want = model(ids, torch.arange(16).expand_as(ids), None).float()
+        got = hf(ids).logits.float()
+    assert torch.allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_gpu_engines_fail_clearly_without_their_package():
+    from joyai_megatron.model.presets import TINY
+    from joyai_megatron.rl.rollout import build_engine
+
+    for backend in ("vllm", "sglang"):
+        try:
+            __import__(backend)
+        except ImportError:
+            with pytest.raises(RuntimeError, match=f"needs the '{backend}' package"):
+                build_engine(backend, TINY, {}, "bf16")
+    with pytest.raises(ValueError, match="rollout_backend must be one of"):
+        build_engine("trtllm", TINY, {}, "bf16")

@@ -4,8 +4,8 @@ Per parameter: gather its tensor-parallel shards (one all-gather in the TP or ex
 SwiGLU ``linear_fc1`` shards are [gate_r; up_r] per rank and are regrouped as [gate; up]), then
 map it through the conversion table (:func:`joyai_megatron.convert.live.hf_named_tensors`'s
 naming: global layer and expert indices).  Pipeline stages and expert-parallel ranks each hold
-part of the model; :func:`full_model_hf_weights` merges those parts for engines that keep the
-whole model on every rank (the ``local`` engine).  The tensors are detached views or gathered
+part of the model; :func:`full_model_hf_weights` merges those parts by broadcasting one tensor at a
+time from its owner, for engines fed the whole model from one process.  The tensors are detached views or gathered
 copies; engines copy them into their own storage.
 """
 
@@ -69,22 +69,30 @@ def full_model_hf_weights(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every HF tensor of the model on every rank: merges pipeline stages and expert-parallel ranks.
 
-    With PP = EP = 1 this is :func:`model_hf_weights` (no communication beyond TP). Otherwise each
-    rank's part is exchanged with ``all_gather_object`` over the world (CPU tensors, first copy
-    of a name wins): adequate for the in-process engine at test scale; the GPU engines receive each
-    rank's part directly instead.
+    With PP = EP = 1 this is :func:`model_hf_weights` (no communication beyond TP). Otherwise the
+    ranks first exchange only names, shapes and dtypes; then each tensor is broadcast from the
+    first rank that holds it, one tensor at a time, so no rank ever holds more than its own part
+    plus one tensor in flight.
     """
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
     if pp == 1 and ep == 1:
         yield from model_hf_weights(chunks, arch, include_mtp)
         return
-    mine = {n: t.cpu().clone() for n, t in model_hf_weights(chunks, arch, include_mtp)}
-    parts: list[dict[str, torch.Tensor] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)
-    seen: set[str] = set()
-    for part in parts:
-        for name, tensor in (part or {}).items():
-            if name not in seen:
-                seen.add(name)
-                yield name, tensor
+    mine = dict(model_hf_weights(chunks, arch, include_mtp))
+    meta = {n: (tuple(t.shape), t.dtype) for n, t in mine.items()}
+    gathered: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, meta)
+    owners: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+    for rank, part in enumerate(gathered):
+        for name, (shape, dtype) in (part or {}).items():
+            owners.setdefault(name, (rank, shape, dtype))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    for name in sorted(owners):
+        rank, shape, dtype = owners[name]
+        if rank == dist.get_rank():
+            tensor = mine[name].contiguous()
+        else:
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(tensor, src=rank)
+        yield name, tensor
