@@ -5,7 +5,8 @@
 # RANK / WORLD_SIZE / LOCAL_RANK come from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID
 # (slurm/lib/rank_exec.sh). Chosen over torchrun-per-node because
 #   - srun forwards signals straight to every rank, so SIGUSR1 -> checkpoint -> exit 0 needs no
-#     extra agent in between (torchrun's agent handles SIGTERM but would have to relay SIGUSR1);
+#     agent in between (torchrun's elastic agent turns SIGTERM into a shutdown of its workers and
+#     has no SIGUSR1 relay);
 #   - Slurm already knows every rank: --kill-on-bad-exit stops the whole step when one rank dies,
 #     per-rank output is labelled, and there is no second rendezvous (c10d store) to configure;
 #   - the same line works with pyxis containers, where a per-node agent would need its own image.
@@ -23,6 +24,7 @@
 #   CONTAINER_IMAGE, CONTAINER_MOUNTS, PYXIS_CONTAINER_NAME   pyxis/enroot; flags only when the image is set
 #   SRUN_ARGS              extra srun flags, whitespace separated
 #   SKIP_PREFLIGHT [0]     1: do not run `python -m joyai_megatron plan` before srun
+#   PLAN_ARGS              extra planner flags, e.g. "--gpu-memory-gb 141" on H200 nodes
 #   MAX_RESTARTS [10]      requeues after SIGUSR1 before the job stops and asks for a resubmit
 #   NCCL_NVLS_ENABLE [0], NCCL_DEBUG [WARN], TORCH_NCCL_ASYNC_ERROR_HANDLING [1],
 #   CUDA_DEVICE_MAX_CONNECTIONS [1], OMP_NUM_THREADS [SLURM_CPUS_PER_TASK or 1]
@@ -30,7 +32,7 @@
 # Exit status when the ranks stopped cleanly at a checkpoint but the job was not requeued
 # (MAX_RESTARTS reached or requeue refused): EX_TEMPFAIL, "try again", so that
 # `--dependency=afterok` chains do not start the next stage on an unfinished run.
-readonly JM_EXIT_RESUBMIT=75
+JM_EXIT_RESUBMIT=75
 
 jm_log() {
     printf '[joyai-slurm %s] %s\n' "$(date +%H:%M:%S)" "$*"
@@ -258,6 +260,11 @@ jm_preflight() {
     # Overrides go right after the recipe: argparse rejects positionals after the options.
     # In CPU mode --gpus-per-node carries the ranks per node (NTASKS_PER_NODE).
     local cmd=("${PYTHON}" -m joyai_megatron plan "$@" --nodes "${NNODES}" --gpus-per-node "${RANKS_PER_NODE}")
+    if [[ -n "${PLAN_ARGS:-}" ]]; then
+        local plan_args=()
+        read -r -a plan_args <<<"${PLAN_ARGS}"
+        cmd+=("${plan_args[@]}")
+    fi
     if [[ ${#JM_CONTAINER_ARGS[@]} -gt 0 ]]; then
         # The interpreter lives in the image: run the check as a one-task step inside it.
         cmd=(srun --nodes=1 --ntasks=1 "${JM_CONTAINER_ARGS[@]}" "${cmd[@]}")

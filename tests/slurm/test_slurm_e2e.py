@@ -238,6 +238,39 @@ def test_data_prep_array_tokenizes_every_shard(slurm_cluster: SlurmCluster, tmp_
             assert path.is_file() and path.stat().st_size > 0, sorted((tmp_path / "tok").iterdir())
 
 
+@pytest.fixture(scope="module")
+def demo_data(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's tokenizer and SFT / DPO / RL sets (`python -m data_prep demo`)."""
+    out = tmp_path_factory.mktemp("demo") / "data"
+    slurm_cluster.run(
+        [PYTHON, "-m", "data_prep", "demo", "--output", str(out)], env=slurm_cluster.job_env(out), timeout=600
+    )
+    return out
+
+
+def stage_overrides(stage: str, data: Path) -> str:
+    """Point a tiny post-training recipe at the demo data instead of runs/demo, without LR
+    warm-up (2 steps cannot hold it)."""
+    per_stage = {
+        "sft": f"data.sft_path={data / 'sft/train.parquet'} sft.valid_path={data / 'sft/eval.parquet'}",
+        "dpo": f"data.dpo_path={data / 'dpo/train.parquet'} dpo.valid_path={data / 'dpo/eval.parquet'}",
+        "rl": f"data.rl_path={data / 'rl/train.jsonl'} rl.eval_path={data / 'rl/eval.jsonl'}",
+        "qat": "",
+    }
+    return f"data.tokenizer={data / 'tokenizer'} scheduler.warmup_tokens=0 {per_stage[stage]}".strip()
+
+
+# Which earlier stage's checkpoint each stage starts from (LOAD_CHECKPOINT -> checkpoint.load), as
+# in the recipes. SFT starts from fresh weights: the demo's MTP-enabled pretraining stage 4 is not
+# built here.
+STARTS_FROM = {"sft": None, "dpo": "sft", "rl": "sft", "qat": "sft"}
+STAGE_CHECKPOINTS: dict[str, Path] = {}
+
+
+def step_numbers(text: str) -> list[int]:
+    return [int(n) for n in re.findall(r"^\d+: step (\d+)/\d+ \|", text, re.MULTILINE)]
+
+
 STAGES = [
     ("sft_48b", "sft", "recipes/sft/tiny_cpu.yaml", "joyai_megatron/stages/sft.py"),
     ("dpo_48b", "dpo", "recipes/dpo/tiny_cpu.yaml", "joyai_megatron/stages/dpo.py"),
@@ -249,29 +282,41 @@ STAGES = [
 @pytest.mark.parametrize(("script", "stage", "recipe", "module"), STAGES, ids=[s[1] for s in STAGES])
 def test_post_training_stage_job(
     slurm_cluster: SlurmCluster,
-    pretrain_run: PretrainRun,
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     script: str,
     stage: str,
     recipe: str,
     module: str,
 ) -> None:
-    """Each post-training script trains 2 steps from the pretraining checkpoint and checkpoints."""
+    """Each post-training script trains 2 steps of its tiny_cpu recipe on 2 ranks, from the
+    previous stage's checkpoint as the pipeline does, and checkpoints."""
     require_trainer()
     missing = [p for p in (recipe, module) if not (REPO / p).exists()]
     if missing:
         pytest.skip(f"stage '{stage}' does not exist yet: missing {', '.join(missing)}")
+    parent = STARTS_FROM[stage]
+    if parent is not None and parent not in STAGE_CHECKPOINTS:
+        pytest.skip(f"stage '{stage}' starts from the '{parent}' checkpoint, whose test did not pass")
+    data: Path = request.getfixturevalue("demo_data")  # built only when a stage exists
     checkpoint_dir = tmp_path / "ckpt"
     env = slurm_cluster.job_env(
         tmp_path / "logs",
         CHECKPOINT_DIR=str(checkpoint_dir),
-        LOAD_CHECKPOINT=str(pretrain_run.checkpoint_dir),
         TRAIN_ITERS="2",
         LOG_INTERVAL="1",
+        OVERRIDES=stage_overrides(stage, data) + ("" if parent else " checkpoint.load=null"),
     )
+    if parent is not None:
+        env["LOAD_CHECKPOINT"] = str(STAGE_CHECKPOINTS[parent])
     job = slurm_cluster.wait(slurm_cluster.submit(script, env), JOB_TIMEOUT)
     out = assert_completed(slurm_cluster, job)
+    diag = slurm_cluster.diagnostics(job.job_id)
     assert f"-m joyai_megatron {stage} {recipe}" in out
-    assert [s for s, _, _ in step_lines(out)] == [1, 2], slurm_cluster.diagnostics(job.job_id)
-    assert "finished at step 2" in out
+    if parent is not None:
+        assert f"checkpoint.load={STAGE_CHECKPOINTS[parent]}" in out
+    assert step_numbers(out) == [1, 2], diag
+    assert "finished at step 2" in out, diag
     assert tracker(checkpoint_dir) == 2
+    assert (checkpoint_dir / "iter_0000002").is_dir()
+    STAGE_CHECKPOINTS[stage] = checkpoint_dir

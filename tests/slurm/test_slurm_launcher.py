@@ -145,6 +145,10 @@ def test_dry_run_env_overrides_container_and_skip_preflight() -> None:
     ):
         assert override in argv, srun
 
+    out = dry_run("pretrain_48b", nodes=4, PLAN_ARGS="--gpu-memory-gb 141")
+    (plan,) = command_lines(out, "python")
+    assert plan.endswith("--nodes 4 --gpus-per-node 8 --gpu-memory-gb 141")
+
 
 def test_dry_run_cpu_mode_uses_tiny_recipe_and_gloo() -> None:
     out = dry_run("pretrain_48b", nodes=1, GPUS_PER_NODE="0", NTASKS_PER_NODE="2")
