@@ -129,7 +129,7 @@ class CheckpointCfg:
     load_optimizer: bool = True  # with load: also take optimizer state and counters
     reset_counters: bool = False  # with load: start iteration, scheduler and data at zero
     allow_missing: list[str] = field(default_factory=list)  # key substrings absent in load
-    async_save: bool = False  # GPU only
+    async_save: bool = False  # write in a background process while training continues
     exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 

@@ -67,7 +67,8 @@ def reference_from_checkpoint(trainer, path: str) -> dict[str, torch.Tensor]:
         trainer.model,
         trainer.optimizer,
         trainer.scheduler,
-        with_optimizer=False,
+        load_optimizer=False,
+        load_counters=False,
         allow_missing=list(trainer.recipe.checkpoint.allow_missing),
     )
     reference = snapshot(trainer.model)

@@ -13,12 +13,13 @@ or the new one, never a partial directory that resume would pick up.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,11 +157,15 @@ def save_checkpoint(
     train_state: TrainState,
     keep_last: int,
     write_extras: Callable[[Path], None] | None = None,
+    async_queue: Any | None = None,
 ) -> Path:
     """Collective: every rank calls it.  Returns the final ``iter_*`` directory.
 
     ``write_extras(tmp_dir)`` (collective too) adds files that must be committed atomically with
-    the checkpoint, e.g. the QAT stage's sharded ModelOpt state.
+    the checkpoint, e.g. the QAT stage's sharded ModelOpt state.  With ``async_queue`` (an
+    ``AsyncCallsQueue``) the tensors are copied to host memory here and written by a background
+    process while training continues; the rename and tracker update happen when the queue
+    finalises the write on every rank (``maybe_finalize_async_calls``).
     """
     rank = dist.get_rank()
     final = iter_dir(root, train_state.iteration)
@@ -171,21 +176,37 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     dist.barrier()
     state = _full_sharded_state_dict(model, optimizer, scheduler, is_loading=False, with_optim=True)
+    commit = functools.partial(_commit, Path(root), tmp, final, recipe, replace(train_state), keep_last)
+    if async_queue is not None:
+        request = dist_checkpointing.save(
+            state, str(tmp), content_metadata=OPTIMIZER_METADATA, async_sharded_save=True, async_strategy="mcore"
+        )
+        if write_extras is not None:
+            write_extras(tmp)
+        request.add_finalize_fn(commit)
+        async_queue.schedule_async_request(request)
+        return final
     dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
     if write_extras is not None:
         write_extras(tmp)
     dist.barrier()
-    if rank == 0:
-        save_resolved_recipe(recipe, tmp)
-        (tmp / "train_state.json").write_text(json.dumps(asdict(train_state), indent=1, default=str))
-        (tmp / "COMPLETE").write_text(str(train_state.iteration))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_tracker(Path(root), train_state.iteration)
-        _prune(Path(root), keep_last)
+    commit()
     dist.barrier()
     return final
+
+
+def _commit(root: Path, tmp: Path, final: Path, recipe: Recipe, train_state: TrainState, keep_last: int) -> None:
+    """Rank 0 makes a fully written ``tmp`` the newest checkpoint: metadata, rename, tracker."""
+    if dist.get_rank() != 0:
+        return
+    save_resolved_recipe(recipe, tmp)
+    (tmp / "train_state.json").write_text(json.dumps(asdict(train_state), indent=1, default=str))
+    (tmp / "COMPLETE").write_text(str(train_state.iteration))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_tracker(root, train_state.iteration)
+    _prune(root, keep_last)
 
 
 def _write_tracker(root: Path, iteration: int) -> None:
@@ -205,29 +226,52 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class OptimizerLayoutChanged(RuntimeError):
+    """The saved optimizer was grouped differently from this run's (e.g. EP changed)."""
+
+
 def load_checkpoint(
     path: Path,
     model: list,
     optimizer: Any,
     scheduler: Any,
     *,
-    with_optimizer: bool,
+    load_optimizer: bool,
+    load_counters: bool,
     allow_missing: list[str],
 ) -> TrainState | None:
     """Load into the live model (any layout: dist_checkpointing reshards).
 
-    Returns the saved ``TrainState`` when optimizer/counters were loaded, else ``None``
-    (weights only: an import from Hugging Face, or a stage transition with reset counters).
+    ``load_optimizer``: also the optimizer moments; ``load_counters``: the step, consumed
+    samples/tokens, LR-schedule and stage state.  Returns the saved ``TrainState`` when counters
+    were loaded, else ``None`` (weights only: an import from Hugging Face, or a new stage).
     """
-    has_optimizer = (path / "train_state.json").is_file() and with_optimizer
-    state = _full_sharded_state_dict(model, optimizer, scheduler, is_loading=True, with_optim=has_optimizer)
-    rng_key = state["rng_state"].key
+    has_state = (path / "train_state.json").is_file()
+    load_optimizer = load_optimizer and has_state
+    load_counters = load_counters and has_state
+    state = model_sharded_state_dict(model)
+    if load_optimizer:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
+    if load_counters:
+        state["scheduler"] = scheduler.state_dict()
     saved_keys = _saved_keys(path)
-    if rng_key not in saved_keys:
-        del state["rng_state"]  # layout changed or weights-only import: keep the fresh RNG
+    rng = _rng_sharded_object()
+    if rng.key in saved_keys:  # absent when the layout changed or for weights-only imports
+        state["rng_state"] = rng
     if allow_missing:
         _drop_missing(state, saved_keys, allow_missing)
-    loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    try:
+        loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    except ValueError as err:
+        if load_optimizer and "Cannot merge" in str(err) and "optimizer" in str(err):
+            raise OptimizerLayoutChanged(
+                f"{path}: the optimizer state was saved with a different grouping of parameters than this "
+                f"run builds ({err}). Megatron-Core groups expert parameters separately only when EP > 1 or "
+                "ETP != TP, so changing those changes the optimizer layout. Keep EP/ETP as saved, or resume "
+                "with checkpoint.load_optimizer=false (weights, step, schedule and data position are kept; "
+                "optimizer moments restart)."
+            ) from err
+        raise
     if len(model) == 1:
         unwrap(model[0]).load_state_dict(loaded["model"], strict=not allow_missing)
     else:
@@ -235,9 +279,10 @@ def load_checkpoint(
             unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=not allow_missing)
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
-    if not has_optimizer:
+    if load_optimizer:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if not load_counters:
         return None
-    optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     return TrainState(**json.loads((path / "train_state.json").read_text()))
 

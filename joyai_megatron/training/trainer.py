@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -124,6 +125,7 @@ class Trainer:
         self.stage.setup(self)
         self.logger = MetricsLogger(recipe, self._is_log_rank(), self._flops_per_token(), self.env.world_size)
         self.signals = ExitSignalHandler(recipe.checkpoint.exit_signals)
+        self.async_saves = AsyncCallsQueue() if recipe.checkpoint.async_save else None
         self.history: list[dict[str, float]] = []
         self._expert_counts: list[torch.Tensor] = []
 
@@ -213,35 +215,26 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------------
     def _load(self) -> str | None:
+        """Resume from ``checkpoint.dir`` if it holds a checkpoint, else start from ``checkpoint.load``."""
         c = self.recipe.checkpoint
-        root = Path(c.dir)
-        if ckpt.latest_iteration(root) is not None:
-            path = ckpt.resolve_checkpoint(root)
-            state = ckpt.load_checkpoint(
-                path, self.model, self.optimizer, self.scheduler, with_optimizer=True, allow_missing=[]
-            )
-            if state is None:
-                raise RuntimeError(f"{path}: resume checkpoint has no optimizer/trainer state")
+        resuming = ckpt.latest_iteration(c.dir) is not None
+        if not resuming and not c.load:
+            return None
+        path = ckpt.resolve_checkpoint(c.dir if resuming else c.load)
+        state = ckpt.load_checkpoint(
+            path,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            load_optimizer=c.load_optimizer,
+            load_counters=resuming or not c.reset_counters,
+            allow_missing=[] if resuming else list(c.allow_missing),
+        )
+        if state is not None:
             self.state = state
-            return str(path)
-        if c.load:
-            path = ckpt.resolve_checkpoint(c.load)
-            state = ckpt.load_checkpoint(
-                path,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                with_optimizer=c.load_optimizer and not c.reset_counters,
-                allow_missing=list(c.allow_missing),
-            )
-            if state is not None:
-                self.state = state
-            elif c.load_optimizer and not c.reset_counters:
-                raise RuntimeError(
-                    f"{path} has weights only; set checkpoint.load_optimizer=false to start from it"
-                )
-            return str(path)
-        return None
+        elif resuming:
+            raise RuntimeError(f"{path}: resume checkpoint has no trainer state (train_state.json)")
+        return str(path)
 
     def save(self) -> Path:
         self.state.stage = self.stage.state_dict()
@@ -254,6 +247,7 @@ class Trainer:
             self.state,
             self.recipe.checkpoint.keep_last,
             write_extras=self.write_checkpoint_extras,
+            async_queue=self.async_saves,
         )
 
     def write_checkpoint_extras(self, directory: Path) -> None:
@@ -425,6 +419,8 @@ class Trainer:
             if r.checkpoint.save_interval and step % r.checkpoint.save_interval == 0:
                 self.save()
                 saved_at = step
+            if self.async_saves is not None:
+                self.async_saves.maybe_finalize_async_calls(blocking=False)
             if self.signals.should_exit():
                 exit_reason = "signal"
                 break
@@ -435,6 +431,9 @@ class Trainer:
             path = self.save()
         else:
             path = ckpt.iter_dir(r.checkpoint.dir, self.state.iteration)
+        if self.async_saves is not None:
+            self.async_saves.maybe_finalize_async_calls(blocking=True)
+            self.async_saves.close()
         if self._is_log_rank():
             print(f"[{r.stage}] {exit_reason} at step {self.state.iteration}; checkpoint {path}", flush=True)
         self.logger.close()
