@@ -1,0 +1,67 @@
+"""Test helpers: run the real entry points as users do (python -m / torchrun) on tiny recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BASE = REPO / "recipes" / "pretrain" / "tiny_cpu" / "base.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_mock_recipe(directory: Path, name: str = "recipe.yaml", **sections: dict) -> Path:
+    """A tiny pretraining recipe on Megatron's mock dataset, writing only under ``directory``."""
+    recipe = {
+        "base": str(TINY_BASE),
+        "model": {"mtp_enabled": True},
+        "data": {"mock": True, "tokenizer": "", "blend": None, "cache_dir": str(directory / "cache")},
+        "train": {"train_iters": 2, "eval_interval": 0, "global_batch_size": 8, "micro_batch_size": 2},
+        "checkpoint": {"dir": str(directory / "ckpt"), "save_interval": 0},
+        "logging": {"dir": str(directory / "logs"), "interval": 1, "tensorboard": False},
+        "scheduler": {"warmup_tokens": 0, "decay_style": "constant"},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    path = directory / name
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def joyai_command(stage: str, recipe: Path, overrides: list[str], nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "joyai_megatron", stage, str(recipe), *overrides]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-port", str(free_port()), "-m", "joyai_megatron", stage, str(recipe), *overrides,
+    ]  # fmt: skip
+
+
+def run_joyai(
+    stage: str, recipe: Path, overrides: list[str] | None = None, nproc: int = 1, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        joyai_command(stage, recipe, overrides or [], nproc),
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout[-6000:] + result.stderr[-6000:])
+    return result
+
+
+def read_metrics(log_dir: Path) -> list[dict]:
+    path = log_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,144 @@
+"""Checkpoint/resume: bitwise-equal continuation, SIGTERM save-and-exit, kills during saves, and
+resuming a TP=1 checkpoint under TP=2 / EP=2."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from joyai_helpers import REPO, joyai_command, read_metrics, run_joyai, write_mock_recipe
+
+from joyai_megatron.training.checkpoint import latest_iteration
+
+N = 4
+
+
+def _start(recipe: Path, overrides: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        joyai_command("pretrain", recipe, overrides), cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc={proc.returncode}) before the condition:\n{proc.stdout.read()[-4000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.02)
+
+
+def _steps(log_dir: Path) -> list[int]:
+    path = log_dir / "metrics.jsonl"
+    return [m["step"] for m in read_metrics(log_dir)] if path.exists() else []
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adam"])
+def test_sigkill_resume_is_bitwise_identical(tmp_path, optimizer):
+    """2N steps uninterrupted == N steps, SIGKILL, resume (losses for N+1..2N, bitwise in fp32)."""
+    sections = {"optim": {"optimizer": optimizer, "lr": 3e-3}, "train": {"seq_length": 256}}
+    straight = write_mock_recipe(tmp_path / "straight", **sections)
+    assert run_joyai("pretrain", straight, [f"train.train_iters={2 * N}"]).returncode == 0
+    expected = {m["step"]: m for m in read_metrics(tmp_path / "straight" / "logs")}
+
+    killed = write_mock_recipe(tmp_path / "killed", **sections)
+    proc = _start(killed, [f"train.train_iters={2 * N}", f"checkpoint.save_interval={N}"])
+    ckpt = tmp_path / "killed" / "ckpt"
+    _wait_for(lambda: latest_iteration(ckpt) == N, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest_iteration(ckpt) == N, "the run finished before it could be killed"
+
+    assert run_joyai("pretrain", killed, [f"train.train_iters={2 * N}", f"checkpoint.save_interval={N}"]).returncode == 0
+    resumed = [m for m in read_metrics(tmp_path / "killed" / "logs") if m["step"] > N][-N:]
+    assert [m["step"] for m in resumed] == list(range(N + 1, 2 * N + 1))
+    for m in resumed:
+        ref = expected[m["step"]]
+        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm", "lr"):
+            assert m[key] == ref[key], (optimizer, m["step"], key, m[key], ref[key])
+
+
+def test_sigterm_saves_exits_zero_and_resumes_at_next_step(tmp_path):
+    recipe = write_mock_recipe(tmp_path / "run", train={"seq_length": 256})
+    proc = _start(recipe, ["train.train_iters=200"])
+    _wait_for(lambda: len(_steps(tmp_path / "run" / "logs")) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    saved = latest_iteration(tmp_path / "run" / "ckpt")
+    assert saved is not None and 2 <= saved < 200
+    assert f"signal at step {saved}" in out
+
+    assert run_joyai("pretrain", recipe, [f"train.train_iters={saved + 2}"]).returncode == 0
+    steps = _steps(tmp_path / "run" / "logs")
+    assert steps[-2:] == [saved + 1, saved + 2]
+
+
+def test_kill_during_checkpoint_write_never_leaves_a_resumable_partial(tmp_path):
+    """SIGKILL at arbitrary moments of a run that saves every step: whatever the moment, the
+    tracker names a complete checkpoint, and resume continues right after it."""
+    recipe = write_mock_recipe(tmp_path / "run", train={"seq_length": 256})
+    ckpt = tmp_path / "run" / "ckpt"
+    for delay in (0.0, 0.15, 0.3):
+        proc = _start(recipe, ["train.train_iters=400", "checkpoint.save_interval=1", "checkpoint.keep_last=2"])
+        start = latest_iteration(ckpt) or 0
+        _wait_for(lambda start=start: (latest_iteration(ckpt) or 0) > start, proc)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        step = latest_iteration(ckpt)
+        assert (ckpt / f"iter_{step:07d}" / "COMPLETE").is_file()
+        assert (ckpt / f"iter_{step:07d}" / "train_state.json").is_file()
+    step = latest_iteration(ckpt)
+    assert run_joyai("pretrain", recipe, [f"train.train_iters={step + 1}"]).returncode == 0
+    assert _steps(tmp_path / "run" / "logs")[-1] == step + 1
+    assert not list(ckpt.glob("iter_*.tmp")), "a finished save prunes temp directories left by kills"
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # Expert-TP follows TP, so Megatron-Core groups the optimizer as at TP=1: full resume.
+        ["parallel.tp=2", "parallel.etp=2", "parallel.sequence_parallel=true"],
+        # EP>1 regroups expert parameters into their own optimizer: weights, step, schedule and
+        # data position carry over, the optimizer moments restart (the error says so otherwise).
+        ["parallel.ep=2", "checkpoint.load_optimizer=false"],
+    ],
+    ids=["tp2", "ep2"],
+)
+def test_resume_tp1_checkpoint_on_other_layout(tmp_path, layout):
+    sections = {"optim": {"optimizer": "muon", "lr": 3e-3}}
+    base = write_mock_recipe(tmp_path / "tp1", **sections)
+    assert run_joyai("pretrain", base, ["train.train_iters=2"]).returncode == 0
+    shutil.copytree(tmp_path / "tp1" / "ckpt", tmp_path / "other_ckpt")
+    assert run_joyai("pretrain", base, ["train.train_iters=3"]).returncode == 0
+    expected = read_metrics(tmp_path / "tp1" / "logs")[-1]
+
+    other = write_mock_recipe(tmp_path / "other", **sections)
+    overrides = ["train.train_iters=3", f"checkpoint.dir={tmp_path / 'other_ckpt'}", *layout]
+    result = run_joyai("pretrain", other, overrides, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    got = read_metrics(tmp_path / "other" / "logs")[-1]
+    assert got["step"] == expected["step"] == 3
+    assert abs(got["lm_loss"] - expected["lm_loss"]) <= 1e-5
+    assert abs(got["mtp_loss"] - expected["mtp_loss"]) <= 1e-5
+
+
+@pytest.mark.multiproc
+def test_changed_optimizer_grouping_fails_with_a_clear_message(tmp_path):
+    base = write_mock_recipe(tmp_path / "tp1", optim={"optimizer": "muon"})
+    assert run_joyai("pretrain", base, ["train.train_iters=1"]).returncode == 0
+    result = run_joyai("pretrain", base, ["train.train_iters=2", "parallel.ep=2"], nproc=2)
+    assert result.returncode != 0
+    assert "checkpoint.load_optimizer=false" in result.stdout + result.stderr
