@@ -18,6 +18,7 @@ planner that produces each chunk only when the writer thread asks for it
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import math
@@ -124,8 +125,42 @@ class TensorInfo:
     dtype: torch.dtype
 
 
+class _FileSlice(io.RawIOBase):
+    """A seekable read-only window [offset, offset+length) of an open file, for ``torch.load``.
+
+    Loading straight from the file (instead of reading the bytes first) keeps one copy of a chunk
+    in memory, not two: the embedding's 0.5 GB chunk would otherwise transiently cost 1 GB more.
+    """
+
+    def __init__(self, f: io.BufferedReader, offset: int, length: int) -> None:
+        self.f, self.start, self.length, self.pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, min(self.length, base + pos))
+        return self.pos
+
+    def readinto(self, buf) -> int:  # type: ignore[no-untyped-def]
+        n = min(len(buf), self.length - self.pos)
+        if n <= 0:
+            return 0
+        self.f.seek(self.start + self.pos)
+        got = self.f.readinto(memoryview(buf)[:n])
+        self.pos += got
+        return got
+
+
 class DistCkptReader:
-    """Random access to the tensors of one ``torch_dist`` iteration directory."""
+    """Random access to the tensors of one ``torch_dist`` iteration directory (thread-safe)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = resolve_iteration_dir(path)
@@ -136,6 +171,8 @@ class DistCkptReader:
             if isinstance(v, TensorStorageMetadata)
         }
         self._local = threading.local()
+        self._index: dict[str, tuple[list[int], list[ChunkStorageMetadata]]] = {}
+        self._index_lock = threading.Lock()
 
     def model_keys(self) -> list[str]:
         return [k for k in self.tensors if k.startswith(MODEL_KEY_PREFIXES)]
@@ -146,16 +183,30 @@ class DistCkptReader:
             files[relative] = open(self.path / relative, "rb")  # noqa: SIM115 - cached per thread
         return files[relative]
 
+    def _chunks_along_dim0(self, key: str, lo: int, hi: int) -> list[ChunkStorageMetadata]:
+        """Stored chunks whose dim-0 range meets [lo, hi): bisect, not a scan of every chunk.
+
+        A layer's stacked experts have ~2 chunks per expert and the export asks for each
+        expert's gate, up and down separately; scanning all chunks per request is quadratic.
+        """
+        with self._index_lock:
+            if key not in self._index:
+                chunks = sorted(self.metadata.state_dict_metadata[key].chunks, key=lambda c: c.offsets[0])
+                self._index[key] = ([c.offsets[0] for c in chunks], chunks)
+        starts, chunks = self._index[key]
+        first = max(0, bisect.bisect_right(starts, lo) - 1)
+        while first > 0 and chunks[first - 1].offsets[0] + chunks[first - 1].sizes[0] > lo:
+            first -= 1  # uneven chunking: an earlier, longer chunk may still reach lo
+        return [c for c in chunks[first : bisect.bisect_left(starts, hi)] if c.offsets[0] + c.sizes[0] > lo]
+
     def _load_chunk(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
         info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
         if getattr(info, "transform_descriptors", None):
             raise ConversionError(
                 f"{key}: stored with transforms {info.transform_descriptors}; not supported"
             )
-        f = self._file(info.relative_path)
-        f.seek(info.offset)
-        data = f.read(info.length)
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        view = _FileSlice(self._file(info.relative_path), info.offset, info.length)
+        return torch.load(view, map_location="cpu", weights_only=True)
 
     def read(
         self, key: str, offsets: Iterable[int] | None = None, sizes: Iterable[int] | None = None
@@ -163,13 +214,21 @@ class DistCkptReader:
         """The region [offsets, offsets+sizes) of global tensor ``key`` (whole tensor by default)."""
         if key not in self.tensors:
             raise ConversionError(f"{self.path}: no tensor {key!r}")
-        md = self.metadata.state_dict_metadata[key]
         shape = self.tensors[key].shape
         offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
         sizes = tuple(sizes) if sizes is not None else shape
+        if not shape:  # 0-d tensors are stored whole
+            return self._load_chunk(key, self.metadata.state_dict_metadata[key].chunks[0])
+        candidates = self._chunks_along_dim0(key, offsets[0], offsets[0] + sizes[0])
+        if (
+            len(candidates) == 1
+            and tuple(candidates[0].offsets) == offsets
+            and tuple(candidates[0].sizes) == sizes
+        ):
+            return self._load_chunk(key, candidates[0])  # the common case: one stored chunk is the region
         out = torch.empty(sizes, dtype=self.tensors[key].dtype)
         covered = 0
-        for chunk in md.chunks:
+        for chunk in candidates:
             lo = [max(o, c) for o, c in zip(offsets, chunk.offsets, strict=True)]
             hi = [
                 min(o + s, c + cs)
@@ -188,16 +247,6 @@ class DistCkptReader:
                 f"offsets={list(offsets)} sizes={fmt_shape(sizes)} (incomplete checkpoint?)"
             )
         return out
-
-    def read_object(self, unique_key: str) -> object:
-        """A pickled object entry (``_extra_state``, ``common_state``)."""
-        buf = {unique_key: io.BytesIO()}
-        dcp.load(buf, storage_reader=FileSystemReader(self.path), no_dist=True)
-        value = buf[unique_key]
-        if isinstance(value, io.BytesIO):
-            value.seek(0)
-            value = torch.load(value, weights_only=False)
-        return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
 @dataclass(frozen=True)

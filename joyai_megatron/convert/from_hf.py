@@ -15,6 +15,7 @@ a trainer on either backend finds what it asks for.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -139,7 +140,7 @@ def import_from_hf(
     absent = check_hf(table, shapes, ignore_mtp_layers=not include_mtp)
     _check_mtp_copies(hf, table, absent)
     chunks, objects = plan_import(hf, table, parse_dtype(dtype), names)
-    total = sum(_numel(c.sizes) * c.dtype.itemsize for c in chunks)
+    total = sum(math.prod(c.sizes) * c.dtype.itemsize for c in chunks)
     main_dtype = chunks[0].dtype
     iter_name = f"iter_{iteration:07d}"
     with atomic_output_dir(output, overwrite) as tmp:
@@ -151,10 +152,3 @@ def import_from_hf(
         (tmp / TRACKER_FILE).write_text(str(iteration))
     out = Path(output).resolve()
     return ImportResult(out, out / iter_name, len(chunks), total, time.perf_counter() - start)
-
-
-def _numel(sizes: tuple[int, ...]) -> int:
-    n = 1
-    for s in sizes:
-        n *= s
-    return n

@@ -156,6 +156,7 @@ def compare_logits(
 ) -> tuple[float, bool]:
     """(max |logits_megatron - logits_hf|, greedy generations equal) on random prompts, fp32 CPU."""
     from transformers import DeepseekV3ForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from joyai_megatron.convert.megatron_model import (
         build_megatron_model,
@@ -168,7 +169,12 @@ def compare_logits(
     init_single_process()
     model = build_megatron_model(table.arch, mtp=table.include_mtp)
     load_megatron_checkpoint(model, iter_dir)
-    hf_model = DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the MTP layer is "unexpected" to transformers, by design
+    try:
+        hf_model = DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, table.arch.vocab_size, (batch, seq), generator=gen)
     meg, _ = megatron_logits(model, ids)
