@@ -91,9 +91,7 @@ def estimate_pass_rates(manager: Any, model: list, iteration: int, batch: int = 
             )
             for i, samples in zip(chunk, gens, strict=True):
                 verify = manager._reward_fn(prompts[i])
-                scores = [
-                    verify(manager.tokenizer.decode(s.token_ids), prompts[i].reference) for s in samples
-                ]
+                scores = [verify(manager.decode(s.token_ids), prompts[i].reference) for s in samples]
                 rates[i] = float(np.mean([score >= 1.0 for score in scores]))
     gathered: list[dict[int, float] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, rates)

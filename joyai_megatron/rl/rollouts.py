@@ -93,6 +93,12 @@ class RolloutManager:
         mine = indices[start : start + per_rank]
         return [self.prompts[int(i)] for i in mine], list(range(start, start + per_rank))
 
+    def decode(self, token_ids: list[int]) -> str:
+        """The response text a verifier sees: without the stop token that ended it."""
+        if token_ids and token_ids[-1] in self.stop_ids:
+            token_ids = token_ids[:-1]
+        return self.tokenizer.decode(token_ids)
+
     def _reward_fn(self, prompt: Prompt):
         from joyai_megatron.rl.rewards import get_reward
 
@@ -105,7 +111,7 @@ class RolloutManager:
         prompts, groups = self._rank_prompts(rollout)
         seed = rollout_seed(self.recipe.train.seed, rollout, self.dp_rank)
         gens = self.engine.generate([p.token_ids for p in prompts], self.rl.group_size, self.params, seed)
-        trajectories = score(prompts, groups, gens, self._reward_fn, self.tokenizer.decode, self.domains)
+        trajectories = score(prompts, groups, gens, self._reward_fn, self.decode, self.domains)
         self.timings["generate_s"] = time.perf_counter() - start
         return trajectories
 
@@ -173,7 +179,7 @@ class RolloutManager:
             greedy = SamplingParams(self.rl.max_new_tokens, 0.0, 1.0, self.stop_ids, self.tokenizer.pad)
             gens = self.engine.generate([p.token_ids for p in mine], 1, greedy, seed=0)
             for prompt, (sample,) in zip(mine, gens, strict=True):
-                reward = self._reward_fn(prompt)(self.tokenizer.decode(sample.token_ids), prompt.reference)
+                reward = self._reward_fn(prompt)(self.decode(sample.token_ids), prompt.reference)
                 totals = [totals[0] + reward, totals[1] + float(reward >= 1.0), totals[2] + 1.0]
         if dist.get_rank(parallel_state.get_model_parallel_group()) != 0:
             totals = [0.0, 0.0, 0.0]
