@@ -206,3 +206,89 @@ def test_gpu_engines_fail_clearly_without_their_package():
                 build_engine(backend, TINY, {}, "bf16")
     with pytest.raises(ValueError, match="rollout_backend must be one of"):
         build_engine("trtllm", TINY, {}, "bf16")
+
+
+def test_schema_defaults_are_the_loss_defaults():
+    import inspect
+
+    from joyai_megatron.config.schema import RLCfg
+    from joyai_megatron.rl import fiberpo_domain_loss, fiberpo_loss, grpo_loss
+
+    cfg = RLCfg()
+    fp = inspect.signature(fiberpo_loss).parameters
+    assert (cfg.delta, cfg.c_minus, cfg.eps) == (
+        fp["delta"].default,
+        fp["c_minus"].default,
+        fp["eps"].default,
+    )
+    dom = inspect.signature(fiberpo_domain_loss).parameters
+    for key in ("group_delta", "group_c_minus", "domain_delta", "domain_c_minus"):
+        assert getattr(cfg, key) == dom[key].default, key
+    assert cfg.clip_eps_low is None and cfg.clip_eps_high is None  # each loss's own default
+    assert inspect.signature(grpo_loss).parameters["dual_clip"].default == cfg.dual_clip
+
+
+def test_rows_align_logprob_positions_with_response_tokens():
+    from joyai_megatron.rl.batch import Trajectory, micro_batches, split_evenly
+
+    traj = Trajectory([5, 6, 7], [8, 9, 1], [-0.1, -0.2, -0.3], reward=1.0, group=0, domain=0, advantage=0.5)
+    (batch,) = micro_batches([traj], 1, 2, 10, pad_id=2, first_index=3)
+    assert batch["tokens"][0].tolist() == [5, 6, 7, 8, 9, 1, 2, 2, 2, 2]
+    # position j predicts token j + 1: the response tokens 8, 9, 1 are predicted at 2, 3, 4
+    assert batch["loss_mask"][0].nonzero().flatten().tolist() == [2, 3, 4]
+    assert batch["labels"][0, 2:5].tolist() == [8, 9, 1]
+    assert batch["rollout_logprobs"][0, 2:5].tolist() == pytest.approx([-0.1, -0.2, -0.3])
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]  # padding: own segment
+    assert batch["loss_mask"][1].sum() == 0 and batch["advantages"].tolist() == [0.5, 0.0]
+    assert int(batch["mb_index"]) == 3
+    assert [len(p) for p in split_evenly(list(range(7)), 3)] == [3, 2, 2]
+
+
+def test_prompt_order_is_a_function_of_the_rollout():
+    import numpy as np
+
+    from joyai_megatron.rl.prompts import epoch_order
+
+    first = epoch_order(10, 25, 0, seed=3)
+    assert np.array_equal(first[5:12], epoch_order(10, 7, 5, seed=3))
+    assert sorted(first[:10].tolist()) == list(range(10)) and sorted(first[10:20].tolist()) == list(range(10))
+
+
+def test_logprobs_and_entropy_match_log_softmax(shutdown):
+    from joyai_megatron.convert.megatron_model import init_single_process
+    from joyai_megatron.rl.logprobs import token_entropy, token_logprobs
+
+    init_single_process()
+    logits = torch.randn(1, 7, 11, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 11, (1, 7))
+    logp = torch.log_softmax(logits / 0.7, -1)
+    assert torch.allclose(
+        token_logprobs(logits.clone(), targets, 0.7), logp.gather(-1, targets[..., None])[..., 0], atol=1e-6
+    )
+    assert torch.allclose(token_entropy(logits, 0.7), -(logp.exp() * logp).sum(-1), atol=1e-5)
+
+
+def test_math_format_reward():
+    from joyai_megatron.rl.rewards import get_reward
+
+    reward = get_reward("math_format")
+    assert reward("Answer: 5", "5") == 1.0
+    assert reward("<think>\nsum\n</think>\n\nAnswer: 12", "5") == pytest.approx(0.2)
+    assert reward("Answer: CAM", "5") == 0.0
+
+
+def test_recipe_errors_name_the_key(rl_data, tmp_path):
+    from joyai_megatron.config.recipe import load_recipe
+    from joyai_megatron.rl.trainer import check_rl_recipe
+
+    tokenizer, prompts = rl_data
+    path = write_rl_recipe(tmp_path, tokenizer, prompts)
+    for override, message in (
+        ("train.global_batch_size=8", "train.global_batch_size must be"),
+        ("model.mtp_enabled=true", "model.mtp_enabled"),
+        ("rl.loss=ppo", "rl.loss must be one of"),
+        ("rl.c_minus=0.001", "C- < C+"),
+        ("rl.kl_coef=0.1", "checkpoint.load"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_rl_recipe(load_recipe(str(path), [override]))
