@@ -128,6 +128,10 @@ class CheckpointCfg:
     load: str | None = None  # initial weights when dir has no checkpoint (previous stage / import)
     load_optimizer: bool = True  # with load: also take optimizer state and counters
     reset_counters: bool = False  # with load: start iteration, scheduler and data at zero
+    # On resume from dir: restore the optimizer moments?  None follows load_optimizer.  A stage that
+    # starts from another stage's weights with a fresh optimizer (load_optimizer: false) sets true,
+    # so its own resumes are exact.
+    resume_optimizer: bool | None = None
     allow_missing: list[str] = field(default_factory=list)  # key substrings absent in load
     async_save: bool = False  # write in a background process while training continues
     exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])

@@ -221,12 +221,13 @@ class Trainer:
         if not resuming and not c.load:
             return None
         path = ckpt.resolve_checkpoint(c.dir if resuming else c.load)
+        optimizer = c.resume_optimizer if resuming and c.resume_optimizer is not None else c.load_optimizer
         state = ckpt.load_checkpoint(
             path,
             self.model,
             self.optimizer,
             self.scheduler,
-            load_optimizer=c.load_optimizer,
+            load_optimizer=optimizer,
             load_counters=resuming or not c.reset_counters,
             allow_missing=[] if resuming else list(c.allow_missing),
         )
