@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from convert_helpers import make_tiny_hf
 
 from joyai_megatron.convert import ConversionError
 from joyai_megatron.convert.from_hf import import_from_hf
@@ -59,6 +60,15 @@ def test_recipe_mismatch_fails_before_writing(work, tiny_ckpt, what):
     with pytest.raises(ConversionError, match=message):
         export_to_hf(ckpt, work / f"out_bad_{what}", progress=False)
     assert not list(work.glob(f"out_bad_{what}*"))
+
+
+def test_missing_mtp_weights_point_to_no_mtp(work):
+    src = make_tiny_hf(work / "hf_without_mtp", mtp=False)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}))
+    with pytest.raises(ConversionError, match=r"no model\.layers\.4\.\* \(MTP\) tensors; pass --no-mtp"):
+        import_from_hf(src, work / "meg_without_mtp", progress=False)
+    import_from_hf(src, work / "meg_without_mtp", include_mtp=False, progress=False)
 
 
 def test_interrupted_export_and_import_leave_nothing(work, tiny_ckpt, tiny_hf, monkeypatch):
