@@ -201,7 +201,6 @@ class DPOStage(Stage):
         path = self.reference_logps_path(self.recipe)
         meta = {
             "reference": reference,
-            "seq_length": self.recipe.train.seq_length,
             **{f"{s}_path": str(Path(rows.path).resolve()) for s, rows in self.pairs.items()},
             **{f"{s}_pairs": len(rows) for s, rows in self.pairs.items()},
         }
@@ -259,7 +258,8 @@ class DPOStage(Stage):
         def loss(token_nll: torch.Tensor):
             logps, _ = segment_logps(token_nll, batch["loss_mask"], batch["segment"], 2)
             zero = torch.zeros((), device=logps.device)
-            return zero, torch.tensor(logps.shape[0], dtype=torch.int), {"ref_logps": logps.detach()}
+            count = torch.tensor(logps.shape[0], dtype=torch.int, device=logps.device)
+            return zero, count, {"ref_logps": logps.detach()}
 
         return self._forward(batch, model), loss
 
@@ -295,4 +295,4 @@ class DPOStage(Stage):
             }
         )
         # Summed over pairs, counted in pairs: Megatron divides by the global batch's pair count.
-        return losses.sum(), torch.tensor(losses.numel(), dtype=torch.int), metrics
+        return losses.sum(), torch.tensor(losses.numel(), dtype=torch.int, device=losses.device), metrics

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from megatron.core import tensor_parallel
 
 from joyai_megatron.training.checkpoint import unwrap
 
@@ -81,9 +82,23 @@ def forward_token_nll(
             None,
             labels=labels,
             packed_seq_params=packed_seq_params,
-            padding_mask=padding_mask,
+            padding_mask=stage_padding_mask(model, padding_mask),
             output_processor=token_nll_processor,
         )
+
+
+def stage_padding_mask(model: torch.nn.Module, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The padding mask as this pipeline stage's MoE layers see it.
+
+    GPTModel splits the mask over sequence-parallel ranks together with the embeddings, which only
+    the first pipeline stage computes; later stages receive hidden states already split, so the
+    mask is split here the same way.
+    """
+    gpt = unwrap(model)
+    if padding_mask is None or gpt.pre_process or not gpt.config.sequence_parallel:
+        return padding_mask
+    split = tensor_parallel.scatter_to_sequence_parallel_region(padding_mask.transpose(0, 1).contiguous())
+    return split.transpose(0, 1).contiguous()
 
 
 def segment_logps(
