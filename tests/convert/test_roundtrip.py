@@ -86,10 +86,15 @@ def test_either_backends_norm_names_export_the_same(work, tiny_hf, names):
     assert_same_tensors(hf_tensors(tiny_hf), hf_tensors(work / f"out_{names}"))
 
 
-def test_no_mtp_export(work, tiny_ckpt):
+def test_no_mtp_either_way(work, tiny_ckpt, tiny_hf):
     export_to_hf(tiny_ckpt, work / "out_nomtp", include_mtp=False, progress=False)
     cfg = json.loads((work / "out_nomtp" / "config.json").read_text())
     assert cfg["num_nextn_predict_layers"] == 0
-    assert not [
-        n for n in hf_tensors(work / "out_nomtp") if n.startswith(f"model.layers.{cfg['num_hidden_layers']}.")
-    ]
+    mtp = f"model.layers.{cfg['num_hidden_layers']}."
+    without_mtp = {n: t for n, t in hf_tensors(tiny_hf).items() if not n.startswith(mtp)}
+    assert_same_tensors(without_mtp, hf_tensors(work / "out_nomtp"))
+
+    import_from_hf(tiny_hf, work / "meg_nomtp", include_mtp=False, progress=False)
+    assert not [k for k in DistCkptReader(work / "meg_nomtp").tensors if k.startswith("mtp.")]
+    export_to_hf(work / "meg_nomtp", work / "out_nomtp2", progress=False)
+    assert_same_tensors(without_mtp, hf_tensors(work / "out_nomtp2"))
