@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -152,6 +153,10 @@ _SITES: list[tuple[str, str, str]] = [
     # the current device.  Wrapped at the package entry points the trainer calls.
     ("megatron.core.dist_checkpointing", "save", "filesystem_async.py:248"),
     ("megatron.core.dist_checkpointing", "load", "state_dict_saver.py:204"),
+    # async saves: async_utils.py l.273 `torch.cuda.synchronize()` and filesystem_async.py l.248
+    # when scheduling; l.224 and l.698 completion flags on the current device when finalising.
+    ("megatron.core.dist_checkpointing.strategies.async_utils", "AsyncCallsQueue.schedule_async_request", "268-273"),
+    ("megatron.core.dist_checkpointing.strategies.async_utils", "AsyncCallsQueue.maybe_finalize_async_calls", "224,698"),
     # layer_wise_optimizer.py l.837: the same flag in the layer-wise (distributed Muon) optimizer.
     (
         "megatron.core.optimizer.layer_wise_optimizer",
@@ -166,6 +171,15 @@ _SITES: list[tuple[str, str, str]] = [
     ("megatron.core.optimizer.optimizer", "count_zeros_fp32", "231"),
     ("megatron.core.optimizer.layer_wise_optimizer", "get_grad_norm_fp32", "96-112"),
     ("megatron.core.optimizer.layer_wise_optimizer", "count_zeros_fp32", "231"),
+]
+
+# Sites in optional packages, patched only once their module has been imported (importing ModelOpt
+# takes seconds, so runs that never quantize do not pay for it); a later apply_cpu_redirects() call
+# picks up modules imported since the first one.
+_OPTIONAL_SITES: list[tuple[str, str, str]] = [
+    # modelopt/torch/opt/plugins/megatron.py l.86 (ModelOpt 0.47): `torch.cuda.synchronize()` before
+    # serialising a quantized layer's extra state, i.e. on every checkpoint save of a QAT model.
+    ("modelopt.torch.opt.plugins.megatron", "_modelopt_get_extra_state", "86"),
 ]
 
 
@@ -234,6 +248,7 @@ def apply_cpu_redirects(force: bool = False) -> bool:
     """Install the redirects once, if CUDA is absent (or ``force``).  Returns whether applied."""
     global _applied
     if _applied:
+        _apply_optional_sites()
         return True
     if torch.cuda.is_available() and not force:
         return False
@@ -248,9 +263,20 @@ def apply_cpu_redirects(force: bool = False) -> bool:
             raise RuntimeError(f"compat: {module_name}.{path} is gone; update joyai_megatron/compat")
         setattr(owner, attr, replacement)
     _applied = True
+    _apply_optional_sites()
     return True
+
+
+def _apply_optional_sites() -> None:
+    for module_name, path, _lines in _OPTIONAL_SITES:
+        if module_name not in sys.modules:
+            continue
+        owner, attr = _resolve(module_name, path)
+        original = getattr(owner, attr)
+        if not getattr(original, "__joyai_cpu_redirect__", False):
+            setattr(owner, attr, _redirected(original))
 
 
 def redirect_sites() -> list[tuple[str, str, str]]:
     """The patched upstream functions, for tests and docs."""
-    return list(_SITES)
+    return list(_SITES) + list(_OPTIONAL_SITES)
