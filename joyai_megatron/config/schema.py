@@ -220,6 +220,9 @@ class QATCfg:
     quantize_mtp: bool = False  # the MTP draft block stays high precision by default
     exclude: list[str] = field(default_factory=list)  # extra module-name wildcards left unquantized
     compare: bool = True  # evaluate unquantized / PTQ at the start and QAT at the end
+    # Parameter-name substrings kept frozen during QAT, e.g. the unquantized embedding and LM head
+    # ["embedding.", "output_layer."]: a fresh AdamW state would otherwise move them at full LR.
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass
