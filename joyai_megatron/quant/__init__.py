@@ -1,0 +1,14 @@
+"""Quantization-aware training with NVIDIA ModelOpt, and quantized Hugging Face export.
+
+* :mod:`~joyai_megatron.quant.formats`: recipe ``qat.*`` -> ModelOpt quantization config, and the
+  checks (block size vs layer widths, backend, layout) that run before any process group exists.
+* :mod:`~joyai_megatron.quant.modelopt_state`: insert, calibrate, toggle, save and restore the
+  quantizers of Megatron-Core model chunks.
+* :mod:`~joyai_megatron.quant.trainer`: the trainer subclass the ``qat`` stage runs on.
+* :mod:`~joyai_megatron.quant.export`: ``python -m joyai_megatron.quant.export`` (ModelOpt unified
+  HF checkpoint, or a dequantized BF16 one) straight from a QAT ``torch_dist`` checkpoint.
+* :mod:`~joyai_megatron.quant.compare`: ``python -m joyai_megatron.quant.compare`` (eval loss of
+  the unquantized, PTQ and QAT models).
+
+See docs/qat.md.
+"""
