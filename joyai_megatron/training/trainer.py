@@ -235,6 +235,10 @@ class Trainer:
             self.state = state
         elif resuming:
             raise RuntimeError(f"{path}: resume checkpoint has no trainer state (train_state.json)")
+        else:
+            # Loaded optimizer param groups carry the previous stage's last LR; re-apply this
+            # stage's fresh schedule so its first step does not run at that LR.
+            self.scheduler.step(0)
         return str(path)
 
     def save(self) -> Path:
