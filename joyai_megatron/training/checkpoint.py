@@ -206,7 +206,7 @@ def _commit(root: Path, tmp: Path, final: Path, recipe: Recipe, train_state: Tra
         shutil.rmtree(final)
     os.replace(tmp, final)
     _write_tracker(root, train_state.iteration)
-    _prune(root, keep_last)
+    _prune(root, keep_last, train_state.iteration)
 
 
 def _write_tracker(root: Path, iteration: int) -> None:
@@ -215,10 +215,15 @@ def _write_tracker(root: Path, iteration: int) -> None:
     os.replace(tmp, root / TRACKER)
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    """Drop old checkpoints beyond keep_last and any temp directory a killed save left behind."""
+def _prune(root: Path, keep_last: int, committed: int) -> None:
+    """Drop old checkpoints beyond keep_last and temp directories that killed saves left behind.
+
+    Only temp directories of steps up to ``committed`` go: a later one may be an asynchronous save
+    still being written.
+    """
     for stale in root.glob("iter_*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if int(stale.name[len("iter_") : -len(".tmp")]) <= committed:
+            shutil.rmtree(stale, ignore_errors=True)
     if keep_last <= 0:
         return
     done = sorted(p for p in root.iterdir() if _ITER_RE.match(p.name))

@@ -142,3 +142,20 @@ def test_changed_optimizer_grouping_fails_with_a_clear_message(tmp_path):
     result = run_joyai("pretrain", base, ["train.train_iters=2", "parallel.ep=2"], nproc=2)
     assert result.returncode != 0
     assert "checkpoint.load_optimizer=false" in result.stdout + result.stderr
+
+
+def test_async_save_commits_every_checkpoint_and_resumes_exactly(tmp_path):
+    """Asynchronous saves (background writer) still commit atomically and resume bitwise."""
+    straight = write_mock_recipe(tmp_path / "straight")
+    assert run_joyai("pretrain", straight, ["train.train_iters=5"]).returncode == 0
+    expected = read_metrics(tmp_path / "straight" / "logs")[-1]
+
+    recipe = write_mock_recipe(tmp_path / "async", checkpoint={"async_save": True, "save_interval": 2})
+    assert run_joyai("pretrain", recipe, ["train.train_iters=4"]).returncode == 0
+    ckpt = tmp_path / "async" / "ckpt"
+    assert latest_iteration(ckpt) == 4
+    assert all((ckpt / f"iter_{s:07d}" / "COMPLETE").is_file() for s in (2, 4))
+    assert not list(ckpt.glob("iter_*.tmp"))
+    assert run_joyai("pretrain", recipe, ["train.train_iters=5"]).returncode == 0
+    got = read_metrics(tmp_path / "async" / "logs")[-1]
+    assert got["step"] == 5 and got["loss"] == expected["loss"] and got["grad_norm"] == expected["grad_norm"]
