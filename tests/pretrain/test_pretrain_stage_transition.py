@@ -1,0 +1,94 @@
+"""Stage transitions of the pretraining recipes: a stage that takes the previous stage's optimizer
+state (``checkpoint.load_optimizer``) must build the same optimizer parameter groups, and starts on
+its own LR schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from foundation_helpers import MOCK_DATA, REPO
+
+from joyai_megatron.config.recipe import load_recipe
+from joyai_megatron.stages.pretrain import PretrainStage
+from joyai_megatron.training.distributed import shutdown
+from joyai_megatron.training.trainer import Trainer
+
+FAMILIES = ["joyai_48b_a3b", "tiny_cpu"]
+
+
+def _group_key(recipe) -> tuple[float, float, float]:
+    """What Megatron-Core matches optimizer parameter groups on when loading optimizer state
+    (besides per-parameter flags): the LR bounds and the weight decay."""
+    return recipe.optim.lr, recipe.optim.min_lr, recipe.optim.weight_decay
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_optimizer_state_is_only_carried_between_matching_groups(family: str) -> None:
+    recipes = {
+        p.name: load_recipe(p) for p in sorted((REPO / "recipes" / "pretrain" / family).glob("stage*.yaml"))
+    }
+    by_dir = {r.checkpoint.dir: r for r in recipes.values()}
+    carried = 0
+    for name, r in recipes.items():
+        c = r.checkpoint
+        if not c.load:
+            continue
+        assert c.load in by_dir, f"{family}/{name}: checkpoint.load {c.load} is no stage's checkpoint.dir"
+        previous = by_dir[c.load]
+        if c.load_optimizer:
+            carried += 1
+            assert _group_key(r) == _group_key(previous), (
+                f"{family}/{name} loads the optimizer of {previous.name} but its (lr, min_lr, weight_decay) "
+                f"{_group_key(r)} differ from {_group_key(previous)}: Megatron-Core cannot match the "
+                "parameter groups; set checkpoint.load_optimizer=false or align the values"
+            )
+            assert not c.allow_missing, f"{family}/{name}: new parameters have no optimizer state to load"
+    assert carried >= 1
+
+
+def test_stage2_takes_stage1_optimizer_state_and_its_own_lr(tmp_path: Path) -> None:
+    """Tiny stage 1 for two steps, then stage 2 from it: Muon and AdamW state arrive, the counters
+    restart, and the first step's LR is stage 2's start (not stage 1's last)."""
+    common = [
+        *MOCK_DATA,
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.seq_length=64",
+        "checkpoint.save_interval=0",
+    ]
+    stage1 = load_recipe(
+        REPO / "recipes/pretrain/tiny_cpu/stage1.yaml",
+        [
+            *common,
+            "train.train_iters=2",
+            "train.rampup_batch_size=null",
+            f"checkpoint.dir={tmp_path / 's1'}",
+            f"logging.dir={tmp_path / 'l1'}",
+        ],
+    )
+    stage2 = load_recipe(
+        REPO / "recipes/pretrain/tiny_cpu/stage2.yaml",
+        [
+            *common,
+            "train.train_iters=1",
+            f"checkpoint.dir={tmp_path / 's2'}",
+            f"checkpoint.load={tmp_path / 's1'}",
+            f"logging.dir={tmp_path / 'l2'}",
+        ],
+    )
+    try:
+        first = Trainer(stage1, PretrainStage)
+        first.train()
+        stage1_lr = first.optimizer.param_groups[0]["lr"]
+        shutdown()
+        second = Trainer(stage2, PretrainStage)
+        assert second.resumed_from and second.state.iteration == 0 and second.state.consumed_samples == 0
+        leaves = {type(getattr(o, "optimizer", o)).__name__: o for o in second.optimizer.chained_optimizers}
+        for name, leaf in leaves.items():
+            inner = getattr(leaf, "optimizer", leaf)
+            assert inner.state and all(inner.state.values()), f"{name} state was not loaded"
+        lrs = {g["lr"] for g in second.optimizer.param_groups}
+        assert lrs == {stage2.optim.lr}, (lrs, stage1_lr)
+        assert stage1_lr != stage2.optim.lr  # the check above is not vacuous
+    finally:
+        shutdown()
