@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -116,10 +115,11 @@ def test_sigterm_during_export_leaves_nothing(work, tiny_ckpt):
     proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "WRITING"
     assert list(work.glob("out_sigterm.tmp-*"))
-    start = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-    assert proc.returncode != 0 and time.monotonic() - start < 10
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    # The export had ~140 tensors to go; the writer stops after the one it is reading.
+    assert rest.count("WRITING") <= 2, rest
     assert not list(work.glob("out_sigterm*"))
 
 
