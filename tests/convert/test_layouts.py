@@ -32,7 +32,7 @@ def test_layouts_export_identically(work, tiny_ckpt, tiny_export, hf_model):
         *(f"{name}:{sizes}" for name, sizes in LAYOUTS.items()),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     results = [r for rank in (0, 1) for r in json.loads((out / f"result{rank}.json").read_text())]

@@ -96,7 +96,7 @@ def test_cli_end_to_end(work, tiny_hf):
 
     def cli(*args: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "joyai_megatron.convert", *args, "--no-progress"]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
     meg, out = work / "cli_megatron", work / "cli_export"
     r = cli("from-hf", "--hf", str(tiny_hf), "--output", str(meg))
