@@ -17,10 +17,17 @@ def build_engine(backend: str, arch: ModelArch, args: dict[str, Any], dtype: str
     if backend == "local":
         from joyai_megatron.rl.rollout.local import LocalHFEngine
 
-        if args:
-            raise ValueError(f"rl.rollout_args {sorted(args)} are not used by the local backend")
-        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        unknown = sorted(set(args) - {"process", "threads"})
+        if unknown:
+            raise ValueError(
+                f"rl.rollout_args {unknown} are not used by the local backend (process, threads)"
+            )
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        if args.get("process"):
+            from joyai_megatron.rl.rollout.process import ProcessHFEngine
+
+            return ProcessHFEngine(arch, torch_dtype, threads=int(args.get("threads", 1)))
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         return LocalHFEngine(arch, torch_dtype, device)
     if backend in ("vllm", "sglang"):
         from joyai_megatron.rl.rollout.engines import SGLangEngine, VLLMEngine

@@ -105,8 +105,14 @@ class LocalHFEngine(RolloutEngine):
 
     name = "local"
 
-    def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
-        self.model = build_hf_model(arch, dtype).to(device)
+    def __init__(
+        self,
+        arch: ModelArch,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        self.model = (model if model is not None else build_hf_model(arch, dtype)).to(device)
         self.device = torch.device(device)
         self.writer = HFWeightWriter(self.model)
         self._required = self.writer.expected_slots()
