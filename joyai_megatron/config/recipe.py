@@ -97,5 +97,6 @@ def save_resolved_recipe(recipe: Recipe, directory: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".recipe.", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         f.write(recipe_to_yaml(recipe))
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a recipe is meant to be read by others
     os.replace(tmp, target)
     return target

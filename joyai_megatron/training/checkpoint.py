@@ -263,8 +263,10 @@ def load_checkpoint(
     rng = _rng_sharded_object()
     if rng.key in saved_keys:  # absent when the layout changed or for weights-only imports
         state["rng_state"] = rng
-    if allow_missing:
-        _drop_missing(state, saved_keys, allow_missing)
+    # TE modules' `_extra_state` (FP8 metadata) is absent from checkpoints written by the local
+    # backend or by `convert from-hf`; a fresh one is fine.
+    allow_missing = [*allow_missing, "_extra_state"]
+    _drop_missing(state, saved_keys, allow_missing)
     try:
         loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     except ValueError as err:
@@ -277,11 +279,8 @@ def load_checkpoint(
                 "optimizer moments restart)."
             ) from err
         raise
-    if len(model) == 1:
-        unwrap(model[0]).load_state_dict(loaded["model"], strict=not allow_missing)
-    else:
-        for i, chunk in enumerate(model):
-            unwrap(chunk).load_state_dict(loaded[f"model{i}"], strict=not allow_missing)
+    for i, chunk in enumerate(model):
+        _load_model_chunk(unwrap(chunk), loaded["model" if len(model) == 1 else f"model{i}"], allow_missing, path)
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
     if load_optimizer:
@@ -290,6 +289,17 @@ def load_checkpoint(
         return None
     scheduler.load_state_dict(loaded["scheduler"])
     return TrainState(**json.loads((path / "train_state.json").read_text()))
+
+
+def _load_model_chunk(module: torch.nn.Module, state: dict, allow_missing: list[str], path: Path) -> None:
+    """Strict load, except for names matching ``allow_missing`` (their fresh values are kept)."""
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not any(a in k for a in allow_missing)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{path}: checkpoint does not match the model: missing {missing[:8]}, "
+            f"unexpected {list(result.unexpected_keys)[:8]} (is the recipe's model the one that was saved?)"
+        )
 
 
 def _saved_keys(path: Path) -> set[str]:
