@@ -73,13 +73,12 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
     """Resolve a recipe file, its bases and the overrides into a typed ``Recipe``."""
-    merged = OmegaConf.merge(
-        OmegaConf.structured(Recipe), _load_yaml_chain(Path(path)), parse_overrides(overrides or [])
-    )
-    merged.base = None
+    chain, dotlist = _load_yaml_chain(Path(path)), parse_overrides(overrides or [])
     try:
+        merged = OmegaConf.merge(OmegaConf.structured(Recipe), chain, dotlist)
+        merged.base = None
         recipe = OmegaConf.to_object(merged)
-    except Exception as err:  # omegaconf type errors name the key
+    except Exception as err:  # omegaconf type errors name the key and value
         raise RecipeError(f"{path}: {err}") from err
     assert isinstance(recipe, Recipe)
     return recipe

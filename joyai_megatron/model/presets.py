@@ -81,7 +81,7 @@ JOYAI_48B_A3B = ModelArch(
 )
 
 # Real per-layer shapes (width, MLA ranks, expert width, top-8 of many experts) with 6 layers and 64
-# experts: ~4.6B parameters, which trains in bf16 with Muon on one 80 GB GPU for throughput work.
+# experts: 2.27B parameters (+79M MTP), which trains in bf16 with Muon on one 80 GB GPU for throughput work.
 JOYAI_PROXY_1GPU = JOYAI_48B_A3B.replace(num_layers=6, num_experts=64)
 
 # Same structure (dense first layer, MoE with shared expert, MLA with q-LoRA, dense MTP) at toy
