@@ -19,12 +19,14 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_layer_specs,
     get_gpt_mtp_block_spec,
 )
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from joyai_megatron.model.attention import SDPACoreAttention
+from joyai_megatron.model.experts import GroupedMMExperts
 from joyai_megatron.model.norm import LocalRMSNorm
 
 
@@ -64,13 +66,25 @@ def _swap_norms(node: Any, seen: set[int] | None = None) -> Any:
     return node
 
 
-def _localize(spec: Any) -> Any:
-    """The ``local`` backend: SDPA core attention and sequence-parallel-capable RMSNorm."""
+def _group_experts(layer: ModuleSpec) -> None:
+    """Swap SequentialMLP for GroupedMMExperts (same parameters) in an MoE layer's spec."""
+    mlp = layer.submodules.mlp
+    submodules = mlp.keywords.get("submodules") if isinstance(mlp, functools.partial) else None
+    experts = getattr(submodules, "experts", None)
+    if isinstance(experts, functools.partial) and experts.func is SequentialMLP:
+        submodules.experts = functools.partial(GroupedMMExperts, *experts.args, **experts.keywords)
+
+
+def _localize(spec: Any, grouped_experts: bool = False) -> Any:
+    """The ``local`` backend: SDPA core attention, sequence-parallel-capable RMSNorm and, with
+    ``moe_grouped_gemm``, grouped-GEMM experts."""
     spec = copy.deepcopy(spec)
     _swap_norms(spec)
     layers = spec.layer_specs if isinstance(spec, TransformerBlockSubmodules) else [spec]
     for layer in layers:
         layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+        if grouped_experts:
+            _group_experts(layer)
     return spec
 
 
@@ -84,7 +98,7 @@ def decoder_block_spec(
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
     )
-    return block if use_te else _localize(block)
+    return block if use_te else _localize(block, grouped_experts=config.moe_grouped_gemm)
 
 
 def dense_layer_spec(config: TransformerConfig, backend: str) -> ModuleSpec:

@@ -1,0 +1,91 @@
+"""Routed experts for the ``local`` backend as two grouped GEMMs (``torch.nn.functional.grouped_mm``).
+
+Megatron-Core's ``SequentialMLP`` runs one small MLP per expert: with 64-256 experts a layer
+launches thousands of kernels and the GPU waits on Python.  This subclass keeps its parameters
+(``local_experts.E.linear_fc{1,2}.weight``, so checkpoints, conversion and Muon's per-matrix
+orthogonalisation are unchanged) and computes all experts at once: the per-expert weights are
+stacked (one copy per layer and pass) and multiplied with PyTorch's grouped GEMM, whose group
+offsets are the cumulative token counts the dispatcher already produced.  Selected by
+``model.moe_grouped_gemm=true`` with ``model.backend=local`` (the ``te`` backend uses TE's grouped
+GEMM instead).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_available() -> bool:
+    return _GROUPED_MM is not None
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient dense: the grouped GEMM's backward
+    rejects broadcast (zero-stride) gradients, such as the one ``out.sum()`` produces."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+class GroupedMMExperts(SequentialMLP):
+    """``SequentialMLP`` with the same weights and maths, computed by grouped GEMMs.
+
+    Falls back to the per-expert loop where the grouped form does not apply: expert tensor
+    parallelism (fc2 would need its reduction), linear biases, FP8/FP4 padding, TE activation
+    modules, probabilities applied on the input, or a PyTorch without grouped GEMM.
+    """
+
+    def _grouped_applies(self) -> bool:
+        c = self.config
+        return (
+            grouped_mm_available()
+            and self.num_local_experts > 1
+            and self.tp_group.size() == 1
+            and not c.add_bias_linear
+            and not (c.fp8 or c.fp4)
+            and not c.use_te_activation_func
+            and not c.bias_activation_fusion
+            and not c.moe_apply_probs_on_input
+        )
+
+    def forward(
+        self,
+        permuted_local_hidden_states: torch.Tensor,
+        tokens_per_expert: torch.Tensor,
+        permuted_probs: torch.Tensor,
+    ) -> tuple[torch.Tensor, None]:
+        if not self._grouped_applies():
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        x = permuted_local_hidden_states
+        # Group g holds rows [offs[g-1], offs[g]); the dispatcher sorted tokens by expert.
+        offs = torch.cumsum(
+            tokens_per_expert.to(device=x.device, dtype=torch.int32), dim=0, dtype=torch.int32
+        )
+        w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2F or F, H]
+        w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, F]
+        h = _GROUPED_MM(x.to(w1.dtype), w1.transpose(1, 2), offs=offs)
+        h = self._activation(h)
+        # As MLP.forward does for experts: scale by the routing probability in its (fp32) dtype.
+        h = (h * permuted_probs.unsqueeze(-1)).to(w2.dtype)
+        out = _GROUPED_MM(h, w2.transpose(1, 2), offs=offs)
+        return _ContiguousGrad.apply(out.to(x.dtype)), None
+
+    def _activation(self, h: torch.Tensor) -> torch.Tensor:
+        """MLP.forward's unfused activation (GLU with its optional clamp and linear offset)."""
+        c = self.config
+        if not c.gated_linear_unit:
+            return c.activation_func(h)
+        x_glu, x_linear = torch.chunk(h, 2, dim=-1)
+        if (val := c.activation_func_clamp_value) is not None:
+            x_glu = x_glu.clamp(min=None, max=val)
+            x_linear = x_linear.clamp(min=-val, max=val)
+        return c.activation_func(x_glu) * (x_linear + c.glu_linear_offset)
