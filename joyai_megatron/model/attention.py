@@ -76,6 +76,13 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by the local core attention")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            rows = _equal_segments(packed_seq_params, query.shape[0])
+            if rows:
+                # Equal-length segments are a plain batch: causal attention per row, which the
+                # fused SDPA kernels run without a dense mask (skipping the masked half).
+                q, k, v = (x.reshape(rows, -1, *x.shape[1:]).transpose(1, 2) for x in (query, key, value))
+                out = self._attend(q, k, v, None)  # [rows, h, s, dv]
+                return out.transpose(1, 2).reshape(query.shape[0], out.shape[1], out.shape[-1])
             allowed = block_causal_mask(packed_seq_params.cu_seqlens_q, query.shape[0])
             # [t, h, d] -> [1, h, t, d]
             q, k, v = (x.unsqueeze(0).transpose(1, 2) for x in (query, key, value))
@@ -97,12 +104,16 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, h * dv)
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None
     ) -> torch.Tensor:
+        """SDPA with a boolean ``allowed`` mask, or causal attention when ``allowed`` is None."""
         if self.config.qk_clip:
+            mask = allowed
+            if mask is None:
+                mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
             with torch.no_grad():
                 logits = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
-                logits = logits.masked_fill(~allowed, float("-inf"))
+                logits = logits.masked_fill(~mask, float("-inf"))
                 per_head = logits.amax(dim=(0, 2, 3))
             prev = self.current_max_attn_logits
             self.current_max_attn_logits = per_head if prev is None else torch.maximum(prev, per_head)
@@ -112,5 +123,17 @@ class SDPACoreAttention(MegatronModule):
             v,
             attn_mask=allowed,
             dropout_p=self.dropout if self.training else 0.0,
+            is_causal=allowed is None,
             scale=self.softmax_scale,
         )
+
+
+def _equal_segments(params: PackedSeqParams, total: int) -> int:
+    """The number of segments when all have the same length, else 0, read without a device sync:
+    segment lengths sum to ``total`` and none exceeds ``max_seqlen_q``, so ``count * max == total``
+    holds exactly when every segment is ``max_seqlen_q`` long."""
+    count = params.cu_seqlens_q.numel() - 1
+    longest = params.max_seqlen_q
+    if not isinstance(longest, int) or count < 1 or count * longest != total:
+        return 0
+    return count
