@@ -13,7 +13,9 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer import MegatronOptimizer
 
+from joyai_megatron.compat.multi_tensor import apply_multi_tensor_fallbacks
 from joyai_megatron.config.schema import OptimCfg, ParallelCfg, PrecisionCfg
+from joyai_megatron.optim.muon import use_batched_muon
 
 OPTIMIZERS = ("muon", "adam")
 
@@ -55,6 +57,9 @@ def optimizer_config(optim: OptimCfg, parallel: ParallelCfg, precision: Precisio
 def build_optimizer(
     optim: OptimCfg, parallel: ParallelCfg, precision: PrecisionCfg, model_chunks: list
 ) -> MegatronOptimizer:
+    # Batched Newton-Schulz and sync-free multi-tensor ops: the same updates, far fewer launches.
+    use_batched_muon()
+    apply_multi_tensor_fallbacks()
     return get_megatron_optimizer(optimizer_config(optim, parallel, precision), model_chunks)
 
 
