@@ -56,25 +56,6 @@ def recipe_arch(recipe: Recipe) -> ModelArch:
     return arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch})
 
 
-def ramp_schedule(total_iters: int, global_batch: int, rampup: list[int] | None) -> list[int]:
-    """Global batch size of every step under Megatron's linear ramp (start, increment, samples)."""
-    if not rampup:
-        return [global_batch] * total_iters
-    start, incr, ramp_samples = rampup
-    steps_per_incr = max((global_batch - start) // max(incr, 1), 1)
-    samples_per_incr = ramp_samples / steps_per_incr
-    sizes, consumed = [], 0
-    for _ in range(total_iters):
-        size = (
-            global_batch
-            if consumed > ramp_samples
-            else min(start + int(consumed / samples_per_incr) * incr, global_batch)
-        )
-        sizes.append(size)
-        consumed += size
-    return sizes
-
-
 class Trainer:
     def __init__(self, recipe: Recipe, stage: type[Stage]) -> None:
         self.recipe = recipe
