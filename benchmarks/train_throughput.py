@@ -1,0 +1,504 @@
+"""One-GPU training throughput: our trainer core vs ``transformers.DeepseekV3ForCausalLM``.
+
+Ours: ``Trainer`` + ``PretrainStage`` on the ``joyai_proxy_1gpu`` preset (real per-layer shapes, 6
+layers, 64 experts, dense MTP), ``local`` backend (SDPA attention; grouped-GEMM experts unless
+``--experts sequential``), Muon with fp32 master weights. Baseline: the same shapes as a
+transformers model (no MTP: transformers has none) in bf16 with ``torch.optim.AdamW``, the same
+token batches (Megatron's mock dataset, or ``--data``), the same global batch by gradient
+accumulation. Each part runs in its own process, so peak memory and failures stay separate; a bf16
+matmul timed first gives the peak for MFU. FLOPs per token come from
+``joyai_megatron.model.count.flops_per_token`` (the baseline counted without MTP).
+
+    python benchmarks/train_throughput.py                      # GPU: prints the table at the end
+    python benchmarks/train_throughput.py --profile            # plus the top device-time sinks
+    python benchmarks/train_throughput.py --data runs/demo/data --steps 100 --parts ours
+    python benchmarks/train_throughput.py --dry-run            # CPU, tiny preset, seconds (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+# Run as a script, sys.path[0] is benchmarks/, whose data_prep.py would shadow the package.
+sys.path[0] = str(REPO)
+
+import torch  # noqa: E402
+
+RESULT = "RESULT "
+PARTS = {
+    # name -> (runner, overrides of the parsed arguments)
+    "ours": ("ours", {}),
+    "ours-no-mtp": ("ours", {"mtp": False}),
+    "ours-sequential": ("ours", {"experts": "sequential"}),
+    "baseline": ("baseline", {}),
+    "baseline-eager": ("baseline", {"baseline_experts": "eager"}),
+}
+DRY_RUN = {
+    "device": "cpu",
+    "preset": "tiny",
+    "dtype": "fp32",  # Megatron's bf16 optimizer asserts CUDA tensors
+    "seq_length": 128,
+    "global_batch": 2,
+    "steps": 2,
+    "warmup": 1,
+    "matmul_size": 256,
+    "profile_steps": 1,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    p.add_argument("--preset", default="joyai_proxy_1gpu")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
+    p.add_argument("--experts", choices=("grouped", "sequential"), default="grouped")
+    p.add_argument("--baseline-experts", choices=("grouped_mm", "eager"), default="grouped_mm")
+    p.add_argument("--no-mtp", dest="mtp", action="store_false", help="ours without the MTP block")
+    p.add_argument("--documents", action="store_true", help="per-document attention (ours only)")
+    p.add_argument("--data", help="demo data dir (tokenizer/, blend.yaml) instead of mock tokens")
+    p.add_argument("--lr", type=float, default=4.2e-4)
+    p.add_argument("--parts", default="ours,baseline", help=f"comma list of {sorted(PARTS)}")
+    p.add_argument("--profile", action="store_true", help="profile a few steps after the timed ones")
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--matmul-size", type=int, default=8192)
+    p.add_argument("--out-dir", default="runs/benchmarks/train_throughput")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny preset, a few steps (CI)")
+    p.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part in this process
+    args = p.parse_args(argv)
+    if args.dry_run:
+        for key, value in DRY_RUN.items():
+            setattr(args, key, value)
+    unknown = [x for x in args.parts.split(",") if x not in PARTS]
+    if unknown:
+        p.error(f"--parts: unknown {unknown}; choose from {sorted(PARTS)}")
+    if args.global_batch % args.micro_batch:
+        p.error(f"--global-batch {args.global_batch} is not a multiple of --micro-batch {args.micro_batch}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available (use --dry-run or --device cpu)")
+    if args.data and not (Path(args.data) / "blend.yaml").is_file():
+        p.error(
+            f"--data {args.data}: no blend.yaml there (run `python -m data_prep demo --output {args.data}`)"
+        )
+    return args
+
+
+# --- measurement helpers -------------------------------------------------------------------------
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_tflops(device: str, n: int, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Achieved TFLOP/s of an n^3 matmul on random data: the ceiling MFU is measured against."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    reps = 20 if device == "cuda" else 3
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def reset_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device: str) -> float:
+    """Peak allocated device memory (CUDA), or the process's peak RSS on the CPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def timed_steps(args: argparse.Namespace, step: Any) -> dict[str, Any]:
+    """Warm-up, then timed steps of ``step() -> loss``; then one step timed per phase (with a
+    device sync around each phase) and, if asked, the profiled steps."""
+    losses = [step() for _ in range(args.warmup)]
+    synchronize(args.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        losses.append(step())
+    synchronize(args.device)
+    elapsed = time.perf_counter() - start
+    result: dict[str, Any] = {"elapsed_s": elapsed, "losses": losses}
+    PHASE_CLOCK.update(device=args.device, seconds={})
+    try:
+        step()
+    finally:
+        result["phases_s"], PHASE_CLOCK["seconds"] = PHASE_CLOCK["seconds"], None
+    if args.profile:
+        result["profile"] = profile_steps(args, step)
+    return result
+
+
+PHASE = "phase: "
+# While "seconds" is a dict, phases synchronise the device and add their wall time to it.
+PHASE_CLOCK: dict[str, Any] = {"device": "cpu", "seconds": None}
+
+
+def phase(fn: Any, name: str) -> Any:
+    """``fn`` inside a profiler range (so profiles split a step into forward-backward and
+    optimizer), and timed when ``PHASE_CLOCK`` is on; otherwise it costs microseconds."""
+
+    def labelled(*args: Any, **kwargs: Any) -> Any:
+        clock = PHASE_CLOCK["seconds"]
+        if clock is not None:
+            synchronize(PHASE_CLOCK["device"])
+            start = time.perf_counter()
+        with torch.profiler.record_function(PHASE + name):
+            out = fn(*args, **kwargs)
+        if clock is not None:
+            synchronize(PHASE_CLOCK["device"])
+            clock[name] = clock.get(name, 0.0) + time.perf_counter() - start
+        return out
+
+    return labelled
+
+
+def profile_steps(args: argparse.Namespace, step: Any, top: int = 8) -> dict[str, Any]:
+    """Operators by self device time (kernels attributed to the op that launched them), the
+    busiest kernels, the labelled phases, and the device-busy share of wall time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = args.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    synchronize(args.device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile_steps):
+            step()
+        synchronize(args.device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / args.profile_steps
+    self_attr = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    events = list(prof.key_averages())
+    ranges = {e.key for e in events if e.device_type == DeviceType.CPU}  # ops and labelled ranges
+    ops = [e for e in events if e.device_type == DeviceType.CPU and not e.key.startswith(PHASE)]
+    # GPU-side copies of CPU ranges (user annotations) are not kernels: they would count twice.
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and e.key not in ranges]
+    busy = sum(getattr(e, self_attr) for e in (kernels if on_gpu else ops)) / 1e3 / args.profile_steps
+
+    def rows(items: list, attr: str, key: str) -> list[dict[str, Any]]:
+        items = sorted(
+            (e for e in items if getattr(e, attr) > 0), key=lambda e: getattr(e, attr), reverse=True
+        )
+        return [
+            {
+                key: e.key,
+                "ms_per_step": getattr(e, attr) / 1e3 / args.profile_steps,
+                "share": getattr(e, attr) / 1e3 / args.profile_steps / busy,
+                "calls_per_step": e.count / args.profile_steps,
+            }
+            for e in items[:top]
+        ]
+
+    return {
+        "top": rows(ops, self_attr, "op"),
+        "kernels": rows(kernels, self_attr, "kernel"),
+        "busy_ms_per_step": busy,
+        "wall_ms_per_step": wall_ms,
+    }
+
+
+# --- the two trainers ----------------------------------------------------------------------------
+def bench_recipe(args: argparse.Namespace, out_dir: Path, train_iters: int) -> Path:
+    """The recipe YAML our part trains (written beside the results, loaded like any recipe)."""
+    import yaml
+
+    data: dict[str, Any] = {"mock": True, "reset_position_ids": args.documents}
+    if args.data:
+        data = {
+            "tokenizer": f"{args.data}/tokenizer",
+            "blend": f"{args.data}/blend.yaml",
+            "cache_dir": str(out_dir / "cache"),
+            "reset_position_ids": args.documents,
+        }
+    recipe = {
+        "name": "bench_train_throughput",
+        "stage": "pretrain",
+        "model": {
+            "preset": args.preset,
+            "backend": "local",
+            "mtp_enabled": args.mtp,
+            "moe_grouped_gemm": args.experts == "grouped",
+            "recompute": args.recompute,
+        },
+        "parallel": {"distributed_optimizer": False},
+        "precision": {"dtype": args.dtype},
+        "train": {
+            "seq_length": args.seq_length,
+            "micro_batch_size": args.micro_batch,
+            "global_batch_size": args.global_batch,
+            "train_iters": train_iters,
+            "eval_interval": 0,
+        },
+        "optim": {"optimizer": "muon", "lr": args.lr, "min_lr": args.lr},
+        "scheduler": {"warmup_tokens": 0, "decay_style": "constant"},
+        "data": data,
+        "checkpoint": {"dir": str(out_dir / "ckpt"), "save_interval": 0},
+        "logging": {"dir": str(out_dir / "logs"), "interval": 1, "tensorboard": False},
+    }
+    path = out_dir / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_ours(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """Our trainer core, one ``train_step`` per step (no checkpoint: a 2B model's is tens of GB)."""
+    from joyai_megatron.config.recipe import load_recipe
+    from joyai_megatron.model.count import flops_per_token
+    from joyai_megatron.stages.pretrain import PretrainStage
+    from joyai_megatron.training.distributed import shutdown
+    from joyai_megatron.training.trainer import Trainer, recipe_arch
+
+    iters = args.warmup + args.steps + 1 + (args.profile_steps if args.profile else 0)
+    recipe = load_recipe(bench_recipe(args, out_dir, iters))
+    reset_memory(args.device)
+    trainer = Trainer(recipe, PretrainStage)
+    trainer.run_microbatches = phase(trainer.run_microbatches, "forward-backward")
+    trainer.optimizer.step = phase(trainer.optimizer.step, "optimizer")
+    try:
+        result = timed_steps(args, lambda: trainer.train_step()["lm_loss"])
+    finally:
+        shutdown()
+    result["flops_per_token"] = flops_per_token(recipe_arch(recipe), args.seq_length, mtp=args.mtp)
+    result["what"] = f"Trainer+PretrainStage, Muon, {'MTP' if args.mtp else 'no MTP'}, {args.experts} experts"
+    return result
+
+
+def hf_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The preset as ``DeepseekV3ForCausalLM`` (config written by our converter), built in place."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from joyai_megatron.convert.hf_config import arch_to_hf_config
+    from joyai_megatron.model.presets import get_preset
+
+    cfg = arch_to_hf_config(get_preset(args.preset), include_mtp=False)
+    cfg.pop("torch_dtype")
+    config = DeepseekV3Config(**cfg)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    config._experts_implementation = args.baseline_experts  # older transformers: no such kwarg
+    with torch.device(args.device):
+        model = DeepseekV3ForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    if args.recompute == "full":
+        model.gradient_checkpointing_enable()
+    return model.train()
+
+
+def token_batches(args: argparse.Namespace, out_dir: Path, count: int) -> list[torch.Tensor]:
+    """The token rows our part trains on, from the same dataset class and seed."""
+    from joyai_megatron.config.recipe import load_recipe
+    from joyai_megatron.stages.pretrain import PretrainStage
+
+    stage = PretrainStage(load_recipe(bench_recipe(args, out_dir, 1)))
+    train = stage.build_datasets(count * args.micro_batch, 1)["train"]
+    rows = [torch.as_tensor(train[i]["tokens"]) for i in range(count * args.micro_batch)]
+    return [torch.stack(rows[i : i + args.micro_batch]) for i in range(0, len(rows), args.micro_batch)]
+
+
+def run_baseline(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """transformers + plain PyTorch AdamW (bf16 weights and states), gradient accumulation."""
+    import transformers
+
+    from joyai_megatron.model.count import flops_per_token
+    from joyai_megatron.model.presets import get_preset
+
+    accum = args.global_batch // args.micro_batch
+    iters = args.warmup + args.steps + 1 + (args.profile_steps if args.profile else 0)
+    batches = [b.to(args.device) for b in token_batches(args, out_dir, iters * accum)]
+    reset_memory(args.device)
+    torch.manual_seed(1234)
+    model = hf_model(args)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=args.device == "cuda"
+    )
+    cursor = iter(batches)
+
+    def forward_backward() -> torch.Tensor:
+        total = torch.zeros((), device=args.device)
+        for _ in range(accum):
+            tokens = next(cursor)
+            loss = model(input_ids=tokens, labels=tokens).loss  # transformers shifts the labels
+            (loss / accum).backward()
+            total += loss.detach() / accum
+        return total
+
+    def optimizer_step() -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    forward_backward = phase(forward_backward, "forward-backward")
+    optimizer_step = phase(optimizer_step, "optimizer")
+
+    def step() -> float:
+        total = forward_backward()
+        optimizer_step()
+        return float(total)
+
+    result = timed_steps(args, step)
+    experts = getattr(model.config, "_experts_implementation", None) or "eager"
+    result["flops_per_token"] = flops_per_token(get_preset(args.preset), args.seq_length, mtp=False)
+    result["what"] = (
+        f"transformers {transformers.__version__} DeepseekV3ForCausalLM, AdamW, {experts} experts"
+    )
+    return result
+
+
+def run_part(args: argparse.Namespace) -> dict[str, Any]:
+    runner, overrides = PARTS[args.part]
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    out_dir = Path(args.out_dir) / args.part
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = (run_ours if runner == "ours" else run_baseline)(args, out_dir)
+    tokens = args.steps * args.global_batch * args.seq_length
+    result.update(
+        part=args.part,
+        tokens_per_s=tokens / result["elapsed_s"],
+        step_s=result["elapsed_s"] / args.steps,
+        peak_mem_gib=peak_memory_gib(args.device),
+    )
+    result["tflops"] = result["tokens_per_s"] * result["flops_per_token"] / 1e12
+    return result
+
+
+# --- orchestration and report --------------------------------------------------------------------
+def spawn_part(argv: list[str], part: str) -> dict[str, Any]:
+    """Run one part in a child process (its own CUDA context and peak memory); parse its result."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--part", part]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
+    )
+    result: dict[str, Any] = {"part": part, "error": "exited without a result (see the log above)"}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith(RESULT):
+            result = json.loads(line[len(RESULT) :])
+        elif not any(noise in line for noise in ("warnings.warn", "Warning:", "DEPRECATED")):
+            print(f"  [{part}] {line}", end="", flush=True)
+    if proc.wait() != 0 and "tokens_per_s" not in result:
+        result["error"] = f"exit code {proc.returncode}"
+    return result
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    import megatron.core
+    import transformers
+
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "megatron_core": megatron.core.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def report(args: argparse.Namespace, env: dict[str, Any], peak: float, results: list[dict]) -> str:
+    lines = [
+        f"== train_throughput: {args.preset}, {args.dtype}, seq {args.seq_length} x global batch "
+        f"{args.global_batch} (micro {args.micro_batch}), recompute {args.recompute}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up ==",
+        f"device {env['device']} | torch {env['torch']} | transformers {env['transformers']} | "
+        f"megatron-core {env['megatron_core']} | {env['date']}",
+        f"{args.dtype} matmul peak ({args.matmul_size}^3, measured): {peak:.1f} TFLOP/s",
+        f"{'part':<16}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'step s':>8}{'peak GiB':>9}  loss first -> last",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['part']:<16} FAILED: {r['error']}")
+            continue
+        mfu = r["tflops"] / peak
+        lines.append(
+            f"{r['part']:<16}{r['tokens_per_s']:>11,.0f}{r['tflops']:>9.1f}{mfu:>7.1%}{r['step_s']:>8.3f}"
+            f"{r['peak_mem_gib']:>9.1f}  {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}   ({r['what']})"
+        )
+    done = {r["part"]: r for r in results if "error" not in r}
+    for ours in ("ours", "ours-no-mtp", "ours-sequential"):
+        for base in ("baseline", "baseline-eager"):
+            if ours in done and base in done:
+                a, b = done[ours], done[base]
+                lines.append(
+                    f"ratio {ours}/{base}: tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
+                    f"TFLOP/s {a['tflops'] / b['tflops']:.2f}x"
+                )
+    for r in results:
+        if "phases_s" in r:
+            phases = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["phases_s"].items())
+            lines.append(f"phases of one {r['part']} step (device synced around each): {phases}")
+    for r in results:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        lines.append(
+            f"profile of {r['part']} per step: wall {prof['wall_ms_per_step']:.1f} ms (profiler on), "
+            f"kernels {prof['busy_ms_per_step']:.1f} ms"
+        )
+        for title, key in (("ops by self device time", "op"), ("kernels", "kernel")):
+            lines.append(f"  top {title}:")
+            for i, row in enumerate(prof["top" if key == "op" else "kernels"][:5], 1):
+                lines.append(
+                    f"   {i}. {row[key][:78]:<78} {row['ms_per_step']:>8.1f} ms {row['share']:>6.1%} "
+                    f"{row['calls_per_step']:>6.0f} calls"
+                )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw)
+    if args.part:
+        print(RESULT + json.dumps(run_part(args)), flush=True)
+        return 0
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment(args)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    peak = matmul_peak_tflops(args.device, args.matmul_size, dtype)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    results = []
+    for part in args.parts.split(","):
+        results.append(spawn_part(raw, part))
+        # Written after every part, so a run cut short still leaves what it measured.
+        (out_dir / "results.json").write_text(
+            json.dumps(
+                {"args": vars(args), "env": env, "matmul_peak_tflops": peak, "results": results}, indent=1
+            )
+        )
+        print("done: " + report(args, env, peak, results[-1:]).splitlines()[4], flush=True)
+    text = report(args, env, peak, results)
+    print(text, flush=True)
+    (out_dir / "report.txt").write_text(text + "\n")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

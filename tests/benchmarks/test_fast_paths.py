@@ -1,0 +1,243 @@
+"""The GPU fast paths the throughput benchmark relies on compute the same function as before.
+
+* ``GroupedMMExperts`` (``model.moe_grouped_gemm=true`` on the local backend) against a per-expert
+  SwiGLU loop written here, and the whole tiny model against the ``SequentialMLP`` build with the
+  same weights (loss and every gradient).
+* ``SDPACoreAttention``'s equal-segment THD path (causal SDPA per row, no dense mask) and its
+  block-mask path against softmax attention computed here in float64.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from joyai_megatron.config.schema import ModelCfg, ParallelCfg, PrecisionCfg
+from joyai_megatron.model.config import build_transformer_config
+from joyai_megatron.model.presets import get_preset
+
+
+def tiny_config(**model: object):
+    return build_transformer_config(get_preset("tiny"), ModelCfg(**model), ParallelCfg(), PrecisionCfg())
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A 1-rank gloo group for building Megatron modules in this process; env restored after."""
+    from megatron.core import parallel_state
+
+    from joyai_megatron.training.distributed import init_distributed, set_seed, shutdown
+
+    saved = dict(os.environ)
+    init_distributed()
+    parallel_state.initialize_model_parallel()
+    set_seed(1)
+    yield
+    shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def build_tiny(grouped: bool) -> torch.nn.Module:
+    from joyai_megatron.model.build import build_joyai_model
+
+    config = tiny_config(moe_grouped_gemm=grouped, mtp_enabled=True)
+    return build_joyai_model(config, get_preset("tiny"), "local", max_sequence_length=64)
+
+
+def test_grouped_experts_match_a_per_expert_loop(one_rank) -> None:
+    from joyai_megatron.model.experts import GroupedMMExperts
+
+    model = build_tiny(grouped=True)
+    experts = [m for m in model.modules() if isinstance(m, GroupedMMExperts)]
+    assert len(experts) == 2, "both MoE layers of tiny should use the grouped experts"
+    layer = experts[0]
+    counts = torch.tensor([5, 0, 3, 9, 1, 0, 6, 8])  # includes experts that receive no token
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(int(counts.sum()), 64, generator=gen, requires_grad=True)
+    probs = torch.rand(int(counts.sum()), generator=gen)
+    out, bias = layer(x, counts, probs)
+    assert bias is None
+
+    expected, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        w1 = layer.local_experts[e].linear_fc1.weight.detach().double()
+        w2 = layer.local_experts[e].linear_fc2.weight.detach().double()
+        xe = x.detach()[start : start + n].double()
+        gate, up = (xe @ w1.T).chunk(2, dim=-1)
+        expected.append((F.silu(gate) * up * probs[start : start + n, None].double()) @ w2.T)
+        start += n
+    torch.testing.assert_close(out.double(), torch.cat(expected), rtol=1e-5, atol=1e-6)
+
+    out.sum().backward()
+    assert layer.local_experts[1].linear_fc1.weight.grad.abs().max() == 0  # no tokens, no gradient
+    assert layer.local_experts[3].linear_fc1.weight.grad.abs().max() > 0
+
+
+def test_grouped_model_equals_sequential_model(one_rank) -> None:
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from joyai_megatron.model.experts import GroupedMMExperts
+    from joyai_megatron.training.packing import pack_batch
+
+    sequential, grouped = build_tiny(grouped=False), build_tiny(grouped=True)
+    assert not any(isinstance(m, GroupedMMExperts) for m in sequential.modules())
+    assert sum(type(m) is SequentialMLP for m in sequential.modules()) == 2
+    assert sequential.state_dict().keys() == grouped.state_dict().keys()  # same checkpoint layout
+    grouped.load_state_dict(sequential.state_dict())
+
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(2, 8192, (2, 32), generator=gen)
+    positions = torch.cat([torch.arange(20), torch.arange(12)]).repeat(2, 1)  # two documents per row
+    packed = pack_batch(tokens, tokens.roll(-1, dims=1), torch.ones(2, 32), positions)
+    losses = []
+    for model in (sequential, grouped):
+        out = model(
+            packed.tokens,
+            packed.position_ids,
+            None,
+            labels=packed.labels,
+            loss_mask=packed.loss_mask,
+            packed_seq_params=packed.packed_seq_params,
+        )
+        loss = out.sum()
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-5)
+    grads = dict(grouped.named_parameters())
+    for name, p in sequential.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def reference_attention(q, k, v, cu_seqlens, scale):
+    """Softmax attention in float64, causal inside each segment of a [t, h, d] packed sequence."""
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float64)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        s = torch.einsum("ihd,jhd->hij", q[start:end], k[start:end]) * scale
+        causal = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+        out[start:end] = torch.einsum("hij,jhd->ihd", p, v[start:end])
+    return out
+
+
+@pytest.mark.parametrize("lengths", [[16, 16, 16], [48], [10, 22, 16]])
+def test_sdpa_core_attention_thd_paths(lengths: list[int]) -> None:
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from joyai_megatron.model.attention import SDPACoreAttention, _equal_segments
+
+    config = tiny_config(qk_clip=True)
+    attn = SDPACoreAttention(config, 1, AttnMaskType.causal, "self", k_channels=24, v_channels=16)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=max(lengths),
+        max_seqlen_kv=max(lengths),
+    )
+    total = sum(lengths)
+    assert _equal_segments(params, total) == (len(lengths) if len(set(lengths)) == 1 else 0)
+    gen = torch.Generator().manual_seed(len(lengths))
+    q, k = (torch.randn(total, 4, 24, generator=gen) for _ in range(2))
+    v = torch.randn(total, 4, 16, generator=gen)
+    out = attn(q, k, v, None, packed_seq_params=params)
+    assert out.shape == (total, 4, 16)
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, cu, 24**-0.5), rtol=1e-5, atol=1e-5)
+    # qk-clip reads the largest allowed logit per head, on either path
+    logits = torch.einsum("ihd,jhd->hij", q.double(), k.double()) * 24**-0.5
+    allowed = torch.zeros(total, total, dtype=torch.bool)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        allowed[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+    expected_max = logits.masked_fill(~allowed, float("-inf")).amax(dim=(1, 2))
+    torch.testing.assert_close(attn.current_max_attn_logits.double(), expected_max, rtol=1e-5, atol=1e-5)
+
+
+def _muon_pair(precision: str, coefficient_type: str = "quintic"):
+    """The same three-shape parameter set under TensorParallelMuon and BatchedMuon."""
+    from megatron.core.optimizer.emerging_optimizers import TensorParallelMuon
+
+    from joyai_megatron.optim.muon import BatchedMuon
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(24, 16)] * 5 + [(16, 40)] * 3 + [(8, 8)]
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]
+    kwargs = dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1, fp32_matmul_prec=precision,
+                  coefficient_type=coefficient_type, num_ns_steps=5, scale_mode="spectral",
+                  extra_scale_factor=0.2, tp_mode="blockwise")  # fmt: skip
+    runs = []
+    for cls in (TensorParallelMuon, BatchedMuon):
+        params = [torch.nn.Parameter(b.clone()) for b in base]
+        opt = cls(params, **kwargs)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        runs.append((params, opt))
+    return base, grads, runs
+
+
+def test_batched_muon_matches_per_matrix_muon() -> None:
+    _, _, [(ref, ref_opt), (got, got_opt)] = _muon_pair("highest")
+    for a, b in zip(ref, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ref, got, strict=True):  # same state layout: checkpoints interchange
+        torch.testing.assert_close(got_opt.state[b]["momentum_buffer"], ref_opt.state[a]["momentum_buffer"])
+    _, _, [(ref, _), (got, _)] = _muon_pair("medium")  # bf16 Newton-Schulz, as in training
+    for a, b in zip(ref, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3)
+
+
+def test_batched_muon_against_the_update_written_out() -> None:
+    """Decoupled weight decay, momentum with Nesterov, 5 Newton-Schulz steps (a, b, c) on the
+    Frobenius-normalised matrix (transposed when tall), spectral scale sqrt(max(m, n)) * 0.2."""
+    base, grads, [_, (got, _)] = _muon_pair("highest", coefficient_type="simple")
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for i, p0 in enumerate(base):
+        p, buf = p0.double().clone(), torch.zeros_like(p0, dtype=torch.float64)
+        for step_grads in grads:
+            g = step_grads[i].double()
+            p = p - 0.05 * 0.1 * p
+            buf = 0.9 * buf + 0.1 * g
+            m = g + 0.9 * (buf - g)
+            x = m.T if m.shape[0] > m.shape[1] else m
+            x = x / x.norm()
+            for _ in range(5):
+                gram = x @ x.T
+                x = a * x + (b * gram + c * gram @ gram) @ x
+            x = x.T if m.shape[0] > m.shape[1] else x
+            p = p - 0.05 * x * max(m.shape) ** 0.5 * 0.2
+        torch.testing.assert_close(got[i].double(), p, rtol=1e-4, atol=1e-5)
+
+
+def test_foreach_multi_tensor_ops_match_their_definitions() -> None:
+    from megatron.core.optimizer import clip_grads
+
+    from joyai_megatron.compat.multi_tensor import (
+        apply_multi_tensor_fallbacks,
+        foreach_l2_norm,
+        foreach_scale,
+    )
+
+    gen = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(n, generator=gen) for n in (3, 17, 256)]
+    norm, _ = foreach_l2_norm(0, None, [tensors], False)
+    assert norm.shape == (1,)
+    torch.testing.assert_close(norm[0].double(), torch.cat(tensors).double().norm(), rtol=1e-6, atol=0)
+    expected = [t * 0.5 for t in tensors]
+    foreach_scale(0, None, [tensors, tensors], 0.5)  # in place, as gradient clipping calls it
+    for t, e in zip(tensors, expected, strict=True):
+        torch.testing.assert_close(t, e)
+    low = [torch.empty(t.shape, dtype=torch.bfloat16) for t in tensors]
+    foreach_scale(0, None, [tensors, low], 1.0)  # fp32 main params -> bf16 model params
+    for t, lo in zip(tensors, low, strict=True):
+        torch.testing.assert_close(lo, t.bfloat16())
+    apply_multi_tensor_fallbacks()  # this environment has neither TE nor Apex
+    assert clip_grads.l2_norm_impl is foreach_l2_norm and clip_grads.multi_tensor_scale_impl is foreach_scale
