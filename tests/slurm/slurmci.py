@@ -201,8 +201,12 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
     def submit(self, script: str, env: dict[str, str], args: list[str] | None = None) -> str:
         """slurm/submit.sh SCRIPT: returns the job id."""
+        # The submit-time preflight imports the trainer's planner: slow on a loaded machine.
         proc = self.run(
-            ["bash", str(REPO / "slurm" / "submit.sh"), script, *(args or [])], env=env, check=False
+            ["bash", str(REPO / "slurm" / "submit.sh"), script, *(args or [])],
+            env=env,
+            check=False,
+            timeout=300,
         )
         if proc.returncode != 0:
             raise RuntimeError(

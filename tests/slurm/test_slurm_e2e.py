@@ -141,7 +141,7 @@ def test_preflight_stops_a_layout_that_does_not_fit(slurm_cluster: SlurmCluster,
     recipe = "recipes/pretrain/joyai_48b_a3b/stage1.yaml"
     env = slurm_cluster.job_env(tmp_path / "logs", RECIPE=recipe)
     proc = slurm_cluster.run(
-        ["bash", str(REPO / "slurm" / "submit.sh"), "pretrain_48b"], env=env, check=False
+        ["bash", str(REPO / "slurm" / "submit.sh"), "pretrain_48b"], env=env, check=False, timeout=300
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "preflight failed; nothing was submitted" in proc.stderr
