@@ -31,7 +31,10 @@ def build_hf_model(arch: ModelArch, dtype: torch.dtype = torch.float32) -> torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     config = DeepseekV3Config(**arch_to_hf_config(arch, include_mtp=False, dtype="float32"))
+    # The per-expert loop: transformers' default grouped_mm kernel on CPU read uninitialised memory
+    # in our tests (NaN or slightly wrong logits depending on what the allocator handed back).
     config._attn_implementation = "sdpa"
+    config._experts_implementation = "eager"
     model = DeepseekV3ForCausalLM(config).to(dtype)
     return model.eval().requires_grad_(False)
 
