@@ -71,6 +71,11 @@ def run(mode: str, data: Path, scratch: Path, steps: int) -> tuple[float, float,
     prompt_len = sum(len(p.token_ids) for p in prompts) / len(prompts)
     tokens = sum(per_rollout * (prompt_len + h["stage/response_length"]) for h in history)
     reward = sum(h["stage/reward"] for h in history) / max(len(history), 1)
+    timing = {
+        k.split("/")[-1]: round(sum(h.get(k, 0.0) for h in history) / max(len(history), 1), 2)
+        for k in ("stage/time/generate_s", "stage/time/rollout_wait_s", "stage/time/old_logprob_s")
+    }
+    print(f"{mode:>5}: mean seconds per step {timing}", flush=True)
     return seconds, tokens, reward
 
 
