@@ -193,6 +193,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             NTASKS_PER_NODE="2",
             NNODES="1",
             CPUS_PER_TASK="1",
+            # The job's own preflight always runs; the submit-time one (a second planner start) is
+            # switched on only by the tests about it.
+            SUBMIT_PREFLIGHT="0",
             LOG_ROOT=str(log_root),
             REPO_DIR=str(REPO),
         )

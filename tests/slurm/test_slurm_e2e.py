@@ -53,6 +53,7 @@ def pretrain_run(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathF
         OVERRIDES=f"{MOCK_DATA} data.cache_dir={root / 'cache'}",
         # sbatch's own input variable beats the script's `#SBATCH --time=04:00:00`.
         SBATCH_TIMELIMIT="00:20:00",
+        SUBMIT_PREFLIGHT="1",
     )
     job_id = slurm_cluster.submit("pretrain_48b", env)
     job = slurm_cluster.wait(job_id, JOB_TIMEOUT)
@@ -139,12 +140,14 @@ def test_preflight_stops_a_layout_that_does_not_fit(slurm_cluster: SlurmCluster,
     a direct sbatch fails in the job's preflight without starting any rank."""
     require_trainer()
     recipe = "recipes/pretrain/joyai_48b_a3b/stage1.yaml"
-    env = slurm_cluster.job_env(tmp_path / "logs", RECIPE=recipe)
+    env = slurm_cluster.job_env(tmp_path / "logs", RECIPE=recipe, SUBMIT_PREFLIGHT="1")
     proc = slurm_cluster.run(
         ["bash", str(REPO / "slurm" / "submit.sh"), "pretrain_48b"], env=env, check=False, timeout=300
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
+    reason = "world size 2 is not divisible by etp*ep*pp = 1*8*2 = 16"  # the planner's own words
     assert "preflight failed; nothing was submitted" in proc.stderr
+    assert reason in proc.stderr
     assert proc.stdout.strip() == "", "submit.sh printed a job id for a rejected layout"
 
     out_file = tmp_path / "direct.out"
@@ -162,6 +165,7 @@ def test_preflight_stops_a_layout_that_does_not_fit(slurm_cluster: SlurmCluster,
     out = job_output(slurm_cluster, job)
     assert (job.state, job.exit_code) == ("FAILED", "1:0"), slurm_cluster.diagnostics(job_id)
     assert "preflight failed: the layout does not fit this allocation" in out
+    assert reason in out
     assert "+ srun" not in out, "ranks were launched despite a failed preflight"
 
 
