@@ -49,10 +49,19 @@ def joyai_command(stage: str, recipe: Path, overrides: list[str], nproc: int = 1
     ]  # fmt: skip
 
 
+# Variables an in-process test's process group leaves behind; a child must not inherit them.
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("TORCHELASTIC")}
+    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
 def run_joyai(
     stage: str, recipe: Path, overrides: list[str] | None = None, nproc: int = 1, timeout: int = 600
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = clean_env()
     result = subprocess.run(
         joyai_command(stage, recipe, overrides or [], nproc),
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,

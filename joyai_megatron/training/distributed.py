@@ -42,21 +42,25 @@ def read_dist_env() -> DistEnv:
 
 
 def init_distributed(timeout_minutes: int = 30) -> DistEnv:
-    """Initialise torch.distributed (idempotent): NCCL when CUDA is present, gloo otherwise."""
+    """Initialise torch.distributed (idempotent): NCCL when CUDA is present, gloo otherwise.
+
+    The rendezvous address comes from MASTER_ADDR/MASTER_PORT (torchrun, the Slurm launcher) or, for
+    one process, a free local port; the environment is left untouched so that processes started
+    later (tests, tools) do not inherit a stale port or rank.
+    """
     info = read_dist_env()
     if not torch.cuda.is_available():
         apply_cpu_redirects()
     if dist.is_initialized():
         return info
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if info.world_size == 1:
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    elif "MASTER_PORT" not in os.environ:
-        raise RuntimeError(
-            "MASTER_PORT must be set for multi-process runs (torchrun or the Slurm launcher sets it)"
-        )
-    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(info.rank), str(info.world_size)
-    os.environ["LOCAL_RANK"] = str(info.local_rank)
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = os.environ.get("MASTER_PORT")
+    if port is None:
+        if info.world_size > 1:
+            raise RuntimeError(
+                "MASTER_PORT must be set for multi-process runs (torchrun or the Slurm launcher sets it)"
+            )
+        port = str(_free_port())
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())  # gpu-only
         backend = "nccl"
@@ -64,6 +68,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
         backend = "gloo"
     dist.init_process_group(
         backend=backend,
+        init_method=f"tcp://{addr}:{port}",
         rank=info.rank,
         world_size=info.world_size,
         timeout=timedelta(minutes=timeout_minutes),

@@ -3,7 +3,6 @@ resuming a TP=1 checkpoint under TP=2 / EP=2."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from joyai_helpers import REPO, joyai_command, read_metrics, run_joyai, write_mock_recipe
+from joyai_helpers import REPO, clean_env, joyai_command, read_metrics, run_joyai, write_mock_recipe
 
 from joyai_megatron.training.checkpoint import latest_iteration
 
@@ -19,9 +18,8 @@ N = 4
 
 
 def _start(recipe: Path, overrides: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        joyai_command("pretrain", recipe, overrides), cwd=REPO, env=env,
+        joyai_command("pretrain", recipe, overrides), cwd=REPO, env=clean_env(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
