@@ -42,7 +42,11 @@ def test_layout_matches_single_process(reference, layout):
     assert result.returncode == 0, result.stderr[-3000:]
     got = read_metrics(root / layout / "logs")
     assert [m["step"] for m in got] == [m["step"] for m in expected] == [1, 2]
+    # Step 1 compares the same weights: fp32 rounding only (1e-5).  Step 2 follows one AdamW update,
+    # whose g/sqrt(v) turns reduction-order differences in near-zero gradients into full-size
+    # steps, so it agrees to 5e-5.
     for mine, ref in zip(got, expected, strict=True):
-        assert abs(mine["lm_loss"] - ref["lm_loss"]) <= 1e-5, (layout, mine["step"], mine["lm_loss"], ref["lm_loss"])
-        assert abs(mine["mtp_loss"] - ref["mtp_loss"]) <= 1e-5, (layout, mine["step"])
+        tol = 1e-5 if mine["step"] == 1 else 5e-5
+        assert abs(mine["lm_loss"] - ref["lm_loss"]) <= tol, (layout, mine["step"], mine["lm_loss"], ref["lm_loss"])
+        assert abs(mine["mtp_loss"] - ref["mtp_loss"]) <= tol, (layout, mine["step"])
         assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), (layout, mine["step"])
