@@ -82,9 +82,17 @@ def forward_token_nll(
             None,
             labels=labels,
             packed_seq_params=packed_seq_params,
-            padding_mask=stage_padding_mask(model, padding_mask),
+            # Megatron-Core 0.19.2's router._apply_expert_bias does `routing_map & ~padding_mask`
+            # with shapes [tokens, experts] and [tokens], which cannot broadcast: with the
+            # aux-loss-free expert bias a padding mask crashes the forward.  Until that is fixed
+            # upstream, padding tokens count in the routers' load statistics (~1% of tokens).
+            padding_mask=stage_padding_mask(model, padding_mask) if not _expert_bias(model) else None,
             output_processor=token_nll_processor,
         )
+
+
+def _expert_bias(model: torch.nn.Module) -> bool:
+    return bool(getattr(unwrap(model).config, "moe_router_enable_expert_bias", False))
 
 
 def stage_padding_mask(model: torch.nn.Module, padding_mask: torch.Tensor | None) -> torch.Tensor | None:
