@@ -71,6 +71,13 @@ def redirect_cuda_device(target: str = "cpu") -> Iterator[None]:
     global _depth
     with _lock:
         if _depth == 0:
+            # torch caches the factory functions a `with torch.device(...)` block intercepts on first
+            # use (lru_cache); fill that cache with the real functions before swapping in wrappers, or
+            # a first use inside this block would leave every later device block (e.g. transformers'
+            # meta-device model init) ignoring the real factories.
+            _device_constructors = getattr(torch.utils._device, "_device_constructors", None)
+            if _device_constructors is not None:
+                _device_constructors()
             _saved["current_device"] = torch.cuda.current_device
             torch.cuda.current_device = lambda: target  # type: ignore[assignment]
             _saved["current_stream"] = torch.cuda.current_stream
