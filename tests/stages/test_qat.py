@@ -1,0 +1,274 @@
+"""QAT stage: recipe checks, ModelOpt fake quantization and export numerics per format, QAT beating
+PTQ on a sharp tiny model, bitwise resume with restored quantizer state, and the quantized HF
+export reloading with the fake-quantized model's logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from qat_fixtures import memorization_overrides, write_memorization_corpus
+from stage_helpers import TINY_BASE, Run, run_stage
+
+from joyai_megatron.config.recipe import load_recipe
+from joyai_megatron.quant.formats import QATConfigError, check_qat_recipe, modelopt_config
+from joyai_megatron.training.trainer import recipe_arch
+
+REPO = Path(__file__).resolve().parents[2]
+QAT_TINY = REPO / "recipes" / "qat" / "tiny_cpu.yaml"
+QAT_48B = REPO / "recipes" / "qat" / "joyai_48b_a3b_int4.yaml"
+
+# The QAT settings of recipes/qat/tiny_cpu.yaml on the memorisation corpus.
+QAT_SETTINGS = [
+    "stage=qat",
+    "qat.block_size=32",
+    "qat.calib_batches=1",
+    "qat.freeze=[embedding.,output_layer.,norm]",
+    "optim.lr=3.0e-4",
+    "optim.min_lr=3.0e-4",
+    "scheduler.decay_style=constant",
+    "scheduler.warmup_tokens=1536",
+    "checkpoint.load_optimizer=false",
+    "checkpoint.resume_optimizer=true",
+    "checkpoint.reset_counters=true",
+    "train.eval_iters=3",
+]
+
+
+# --- recipe checks (no process group) ------------------------------------------------------------
+def recipe(*overrides: str):
+    return load_recipe(QAT_TINY, list(overrides))
+
+
+def test_shipped_recipes_pass_the_checks() -> None:
+    for path in (QAT_TINY, QAT_48B):
+        r = load_recipe(path)
+        check_qat_recipe(r, recipe_arch(r))
+    big = load_recipe(QAT_48B)
+    assert big.qat.block_size == 128 and big.qat.format == "int4_w4a16"
+    assert not big.model.moe_grouped_gemm and big.precision.fp8 is None
+
+
+def test_block_size_must_tile_every_quantized_width() -> None:
+    r = recipe("qat.block_size=128")
+    with pytest.raises(QATConfigError) as err:
+        check_qat_recipe(r, recipe_arch(r))
+    text = str(err.value)
+    # The tiny model's 64-wide hidden size and 32-wide LoRA ranks / expert FFN are named.
+    for name in ("hidden_size) = 64", "q_lora_rank) = 32", "kv_lora_rank) = 32", "moe_ffn_hidden_size"):
+        assert name in text
+    assert "largest power-of-two block that fits this model and layout is 32" in text
+    # Tensor parallelism halves the row-parallel widths: 32 then no longer fits linear_proj/fc2.
+    r = recipe("qat.block_size=64", "parallel.tp=2")
+    with pytest.raises(QATConfigError, match="linear_proj"):
+        check_qat_recipe(r, recipe_arch(r))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.moe_grouped_gemm=true"], "moe_grouped_gemm"),
+        (["precision.fp8=e4m3"], "precision.fp8"),
+        (["parallel.vpp=2"], "parallel.vpp"),
+        (["qat.format=int3"], "qat.format"),
+        (["qat.weight_amax=learned"], "qat.weight_amax"),
+        (["qat.compare=true", "train.eval_interval=0"], "train.eval_interval"),
+    ],
+)
+def test_recipe_errors_name_the_key(overrides: list[str], message: str) -> None:
+    r = recipe(*overrides)
+    with pytest.raises(QATConfigError, match=message):
+        check_qat_recipe(r, recipe_arch(r))
+
+
+def test_modelopt_config_follows_the_recipe() -> None:
+    int4 = modelopt_config(recipe("qat.block_size=16", "qat.exclude=['*linear_kv_up_proj*']"))
+    entries = {e["quantizer_name"]: e for e in int4["quant_cfg"]}
+    assert entries["*weight_quantizer"]["cfg"]["block_sizes"][-1] == 16
+    assert entries["*weight_quantizer"]["cfg"]["num_bits"] == 4
+    assert entries["mtp.*"]["enable"] is False  # the MTP draft block stays high precision
+    assert entries["*output_layer*"]["enable"] is False
+    assert entries["*linear_kv_up_proj*"]["enable"] is False
+    assert int4["algorithm"] == "max"
+    w4a8 = modelopt_config(recipe("qat.format=w4afp8", "qat.quantize_mtp=true"))
+    stages = {e["quantizer_name"]: e for e in w4a8["quant_cfg"]}["*weight_quantizer"]["cfg"]
+    assert stages[0]["block_sizes"][-1] == 32 and stages[1]["num_bits"] == (4, 3)
+    assert "mtp.*" not in {e["quantizer_name"] for e in w4a8["quant_cfg"]}
+    assert w4a8["algorithm"] == "max"  # no AWQ search: QAT trains the weights instead
+
+
+# --- fake quantization and packing on CPU, per format ----------------------------------------------
+def rtn_int4(w: torch.Tensor, block: int) -> torch.Tensor:
+    """Round-to-nearest symmetric INT4 with one absmax scale per ``block`` inputs (independent)."""
+    rows, cols = w.shape
+    blocks = w.reshape(rows, cols // block, block)
+    scale = blocks.abs().amax(-1, keepdim=True) / 7.0
+    return (torch.round(blocks / scale).clamp(-8, 7) * scale).reshape(rows, cols)
+
+
+def fp8(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    scale = amax / 448.0
+    return (x / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+@pytest.mark.parametrize("fmt", ["int4_w4a16", "w4afp8", "fp8"])
+def test_fake_quant_and_export_numerics(fmt: str) -> None:
+    """ModelOpt's CPU fake quant equals an independent reference, and the exported tensors
+    (packed by ModelOpt's exporter) dequantize back to exactly the fake-quantized weight."""
+    from joyai_megatron.quant.export import LinearQuant, materialize_weight_amax
+    from joyai_megatron.quant.modelopt_state import calibrate, insert_quantizers
+    from joyai_megatron.quant.reload import dequantize
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    config = modelopt_config(recipe(f"qat.format={fmt}", "qat.block_size=16"))
+    x = torch.randn(16, 64)
+    insert_quantizers(model, config)
+    calibrate(model, lambda m: m(x), weight_amax="dynamic")
+    layer = model[0]
+    w = layer.weight.detach()
+    fake = layer.weight_quantizer(w).detach()
+    if fmt == "fp8":
+        expected = fp8(w, w.abs().max())
+    else:
+        expected = rtn_int4(w, 16)
+        if fmt == "w4afp8":
+            expected = fp8(expected, w.abs().max())  # the block absmax maps to itself
+    torch.testing.assert_close(fake, expected, rtol=0, atol=1e-6)
+    if fmt != "int4_w4a16":  # static FP8 activation scale from the calibration batch
+        assert torch.allclose(layer.input_quantizer.amax, x.abs().max())
+    materialize_weight_amax(model)
+    q = LinearQuant.of(layer)
+    packed = q.packed(w, slice(0, 32))
+    back = dequantize(packed, q.weight_scale, q.weight_scale_2, "w")
+    torch.testing.assert_close(back, fake, rtol=0, atol=1e-6)
+
+
+def test_int4_nibble_layout() -> None:
+    """Low nibble = even output row, high nibble = odd row, two's complement (TensorRT-LLM's)."""
+    from joyai_megatron.quant.reload import unpack_int4
+
+    q = torch.tensor([[-8, 7, 0], [3, -1, -5]], dtype=torch.int8)
+    byte = (q[0] & 0x0F) | ((q[1] & 0x0F) << 4)
+    assert torch.equal(unpack_int4(byte.to(torch.uint8)[None]), q)
+
+
+# --- training runs ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def memorized(stages_root: Path, demo_data: Path) -> dict:
+    """A tiny model that has memorised the corpus (valid loss ~0.1): the unquantized reference."""
+    root = stages_root / "qat"
+    prefix = write_memorization_corpus(root / "data" / "mem")
+    data = memorization_overrides(prefix, demo_data / "tokenizer", root / "cache")
+    run = run_stage(
+        "pretrain",
+        TINY_BASE,
+        root / "reference",
+        [*data, "train.train_iters=160", "train.eval_interval=0", "optim.lr=1.0e-2", "optim.min_lr=1.0e-3",
+         "scheduler.decay_style=cosine", "scheduler.warmup_tokens=2560", "checkpoint.save_interval=0"],
+    )  # fmt: skip
+    return {"root": root, "data": data, "reference": run}
+
+
+def qat_run(memorized: dict, name: str, *overrides: str) -> Run:
+    return run_stage(
+        "qat",
+        TINY_BASE,
+        memorized["root"] / name,
+        [
+            *memorized["data"],
+            *QAT_SETTINGS,
+            f"checkpoint.load={memorized['reference'].checkpoint_dir}",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def qat_int4(memorized: dict) -> Run:
+    return qat_run(
+        memorized, "int4", "train.train_iters=24", "train.eval_interval=24", "checkpoint.save_interval=0"
+    )
+
+
+def test_qat_round_to_nearest_beats_ptq(qat_int4: Run) -> None:
+    values = json.loads((qat_int4.log_dir / "qat_compare.json").read_text())
+    unq, ptq, qat = values["unquantized"], values["ptq"], values["qat"]
+    assert ptq - unq > 0.01, values  # INT4 PTQ visibly hurts the sharp reference
+    assert abs(qat - unq) < abs(ptq - unq), values
+    # The QAT model's own quantization gap is smaller than the one it started with.
+    assert abs(qat - values["qat_unquantized"]) < ptq - unq, values
+    # The stage's training loss is the fake-quantized model's: it starts at about the PTQ level.
+    assert qat_int4.history[0]["lm_loss"] == pytest.approx(ptq, rel=0.5)
+
+
+def test_checkpoint_holds_modelopt_state(qat_int4: Run) -> None:
+    from joyai_megatron.training.checkpoint import resolve_checkpoint
+
+    iteration = resolve_checkpoint(qat_int4.checkpoint_dir)
+    assert (iteration / "modelopt_state" / "metadata.json").is_file()
+    saved = json.loads((iteration / "train_state.json").read_text())
+    assert set(saved["stage"]["comparison"]) == {"unquantized", "ptq"}
+
+
+def test_resume_restores_quantizers_bitwise(memorized: dict) -> None:
+    """W4AFP8 (calibrated static FP8 activation scales + INT4/FP8 weight stages): 2N steps straight
+    equal N steps, a restart from the step-N checkpoint, and N more steps, bit for bit."""
+    common = ["qat.format=w4afp8", "qat.compare=false", "train.eval_interval=0", "train.train_iters=6"]
+    straight = qat_run(
+        memorized, "w4afp8_straight", *common, "checkpoint.save_interval=3", "checkpoint.keep_last=3"
+    )
+    resumed_dir = memorized["root"] / "w4afp8_resumed"
+    (resumed_dir / "ckpt").mkdir(parents=True)
+    shutil.copytree(straight.checkpoint_dir / "iter_0000003", resumed_dir / "ckpt" / "iter_0000003")
+    (resumed_dir / "ckpt" / "latest_checkpointed_iteration.txt").write_text("3")
+    resumed = qat_run(memorized, "w4afp8_resumed", *common)
+    assert [h["step"] for h in resumed.history] == [4, 5, 6]
+    for a, b in zip(straight.history[3:], resumed.history, strict=True):
+        assert a["lm_loss"] == b["lm_loss"] and a["grad_norm"] == b["grad_norm"], (a, b)
+    # The restored activation scales are the calibrated ones, not a recalibration.
+    from joyai_megatron.quant.export import load_qat_model
+    from joyai_megatron.quant.modelopt_state import enabled_quantizers
+    from joyai_megatron.training.distributed import shutdown
+
+    try:
+        final = dict(enabled_quantizers(load_qat_model(straight.checkpoint_dir).model, "input"))
+        restored = dict(enabled_quantizers(load_qat_model(resumed.checkpoint_dir).model, "input"))
+    finally:
+        shutdown()
+    assert final and final.keys() == restored.keys()
+    for name, q in final.items():
+        assert torch.equal(q.amax, restored[name].amax), name
+
+
+def test_export_reloads_with_fake_quant_logits(qat_int4: Run, tmp_path: Path) -> None:
+    from joyai_megatron.convert.hf_io import HFCheckpoint
+    from joyai_megatron.quant.export import export_qat_to_hf
+    from joyai_megatron.quant.reload import compare_logits, dequantized_tensors
+    from joyai_megatron.training.distributed import shutdown
+
+    try:
+        export_qat_to_hf(qat_int4.checkpoint_dir, tmp_path / "int4", dtype="fp32")
+        export_qat_to_hf(qat_int4.checkpoint_dir, tmp_path / "dq", fmt="dequantized", dtype="fp32")
+        diff = compare_logits(qat_int4.checkpoint_dir, tmp_path / "int4")
+    finally:
+        shutdown()
+    assert diff < 1e-4  # fp32 on both sides; documented in docs/qat.md
+    quant = json.loads((tmp_path / "int4" / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "W4A16_AWQ" and quant["group_size"] == 32
+    assert {"lm_head", "model.layers.1.mlp.gate", "model.layers.3*"} <= set(quant["exclude_modules"])
+    config = json.loads((tmp_path / "int4" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "modelopt"
+    packed = HFCheckpoint(tmp_path / "int4")
+    name = "model.layers.1.mlp.experts.3.gate_proj"
+    assert packed.dtype(f"{name}.weight") == torch.uint8 and packed.shape(f"{name}.weight") == (16, 64)
+    assert packed.shape(f"{name}.weight_scale") == (32, 2)
+    # Unpacking the INT4 export gives exactly the dequantized export's weights.
+    plain = HFCheckpoint(tmp_path / "dq")
+    tensors = dict(dequantized_tensors(tmp_path / "int4"))
+    assert set(tensors) == set(plain.names())
+    for key, value in tensors.items():
+        torch.testing.assert_close(value, plain.get(key), rtol=0, atol=1e-6, msg=key)
