@@ -251,15 +251,16 @@ class RLStage(Stage):
             and mb % len(self.step_batches) == 0
         ):
             n_seq = torch.ones_like(n_seq)  # no data anywhere this step: avoid dividing gradients by 0
+        entropy = token_entropy(logits, self.rl.temperature).view(mask.shape)  # collective over TP
         if self.tp_rank0:
-            self._loss_metrics(metrics, logits, logprobs, old, adv, mask, int(n_seq))
+            self._loss_metrics(metrics, entropy, logprobs, old, adv, mask, int(n_seq))
         return (
             loss,
             n_seq.to(torch.int),
             {"policy loss": torch.stack([loss.detach(), n_seq.detach().to(loss.dtype)])},
         )
 
-    def _loss_metrics(self, metrics, logits, logprobs, old, adv, mask, n_seq: int) -> None:
+    def _loss_metrics(self, metrics, entropy, logprobs, old, adv, mask, n_seq: int) -> None:
         tokens = float(mask.sum())
         if tokens == 0:
             return
@@ -274,7 +275,6 @@ class RLStage(Stage):
                 m.add(key, value * tokens, tokens)
             else:
                 m.add(key, value * n_seq, n_seq)
-        entropy = token_entropy(logits, self.rl.temperature).view(mask.shape)
         m.add("entropy", float(entropy[mask].sum()), tokens)
         for key, count in token_regimes(self.rl, logprobs.detach(), old, adv, mask).items():
             m.add(f"tokens_{key}_frac", float(count), tokens)
@@ -288,8 +288,9 @@ class RLStage(Stage):
         out = self.metrics.reduce()
         it = self.trainer.state.iteration
         evals, self.pending_eval = self.pending_eval, {}
-        if self.rl.eval_interval and (it % self.rl.eval_interval == 0 or it == self.trainer.total_iters):
-            evals.update(self._evaluate())
+        due = self.rl.eval_interval and (it % self.rl.eval_interval == 0 or it == self.trainer.total_iters)
+        if due and (not evals or it == self.trainer.total_iters):  # the pre-training eval shows first
+            evals = self._evaluate()
         out.update(evals)
         if it == self.trainer.total_iters:
             self.manager.shutdown()
