@@ -1,0 +1,54 @@
+"""Session fixtures for the SFT and DPO tests: demo data, a short pretraining run, and the tiny
+SFT run (the demo's recipe) whose checkpoint the DPO tests start from."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from stage_helpers import SFT_RECIPE, TINY_BASE, Run, data_overrides, run_stage, sft_overrides  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def stages_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stages")
+
+
+@pytest.fixture(scope="session")
+def demo_data(stages_root: Path) -> Path:
+    """``data_prep demo`` output (tokenizer, pretraining blend, SFT and DPO sets) in ~10 s."""
+    from data_prep.demo import build_demo
+
+    build_demo(stages_root / "data", progress=False)
+    return stages_root / "data"
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(stages_root: Path, demo_data: Path) -> Run:
+    """A few pretraining steps with the dense MTP block on: a real checkpoint to fine-tune."""
+    return run_stage(
+        "pretrain",
+        TINY_BASE,
+        stages_root / "pretrain",
+        [
+            *data_overrides(demo_data),
+            f"data.blend={demo_data / 'blend.yaml'}",
+            "model.mtp_enabled=true",
+            "train.train_iters=4",
+            "train.eval_interval=0",
+            "scheduler.warmup_tokens=0",
+            "checkpoint.save_interval=0",
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def sft_run(stages_root: Path, demo_data: Path, pretrain_run: Run) -> Run:
+    """The tiny SFT recipe, unchanged except for where it reads and writes."""
+    return run_stage(
+        "sft", SFT_RECIPE, stages_root / "sft", sft_overrides(demo_data, pretrain_run.checkpoint_dir)
+    )
