@@ -205,6 +205,15 @@ def test_qat_round_to_nearest_beats_ptq(qat_int4: Run) -> None:
     assert qat_int4.history[0]["lm_loss"] == pytest.approx(ptq, rel=0.5)
 
 
+def test_compare_command_reproduces_the_stage(qat_int4: Run) -> None:
+    from joyai_megatron.quant.compare import compare_checkpoints
+
+    stage = json.loads((qat_int4.log_dir / "qat_compare.json").read_text())
+    again = compare_checkpoints(str(qat_int4.checkpoint_dir))
+    for key in ("unquantized", "ptq", "qat", "qat_unquantized"):
+        assert again[key] == stage[key], key
+
+
 def test_checkpoint_holds_modelopt_state(qat_int4: Run) -> None:
     from joyai_megatron.training.checkpoint import resolve_checkpoint
 
@@ -242,6 +251,29 @@ def test_resume_restores_quantizers_bitwise(memorized: dict) -> None:
     assert final and final.keys() == restored.keys()
     for name, q in final.items():
         assert torch.equal(q.amax, restored[name].amax), name
+    check_w4afp8_export(straight.checkpoint_dir, memorized["root"] / "w4afp8_hf")
+
+
+def check_w4afp8_export(checkpoint: Path, out: Path) -> None:
+    """W4AFP8 export: INT4 blocks + FP8 second-stage and activation scales, same weights as the
+    fake-quantized model (activation quantization has no transformers counterpart: compared off)."""
+    from joyai_megatron.convert.hf_io import HFCheckpoint
+    from joyai_megatron.quant.export import export_qat_to_hf
+    from joyai_megatron.quant.reload import compare_logits
+    from joyai_megatron.training.distributed import shutdown
+
+    try:
+        export_qat_to_hf(checkpoint, out, dtype="fp32")
+        diff = compare_logits(checkpoint, out)
+    finally:
+        shutdown()
+    assert diff < 1e-4
+    quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert quant["quant_algo"] == "W4A8_AWQ" and quant["group_size"] == 32
+    files = HFCheckpoint(out)
+    name = "model.layers.0.self_attn.o_proj"
+    assert files.dtype(f"{name}.weight") == torch.uint8
+    assert files.shape(f"{name}.weight_scale_2") == () and files.shape(f"{name}.input_scale") == ()
 
 
 def test_export_reloads_with_fake_quant_logits(qat_int4: Run, tmp_path: Path) -> None:
