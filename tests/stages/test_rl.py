@@ -108,7 +108,9 @@ def test_fiberpo_loop_metrics_weights_and_sync(rl_data, tmp_path, shutdown):
     assert torch.allclose(hf, _megatron_logits(trainer, ids), atol=1e-4, rtol=0)
 
 
-def test_grpo_from_the_same_recipe(rl_data, tmp_path, shutdown):
+def test_grpo_from_the_same_recipe_and_kl_to_the_start(rl_data, tmp_path, shutdown):
+    from joyai_megatron.training.distributed import shutdown as close
+
     tokenizer, prompts = rl_data
     recipe = write_rl_recipe(tmp_path, tokenizer, prompts, train={"train_iters": 2}, rl={"eval_interval": 0})
     _, result, _ = _train(recipe, ["rl.loss=grpo"])
@@ -116,6 +118,29 @@ def test_grpo_from_the_same_recipe(rl_data, tmp_path, shutdown):
     assert trained
     for key in ("stage/tokens_clip_pass_frac", "stage/clip_low_frac", "stage/entropy", "stage/ratio_max"):
         assert key in trained[0], key
+    close()
+    # KL to the starting checkpoint (swapped-in reference weights): exactly 0 before any update.
+    kl_recipe = write_rl_recipe(
+        tmp_path / "kl",
+        tokenizer,
+        prompts,
+        train={"train_iters": 1},
+        rl={
+            "eval_interval": 0,
+            "kl_coef": 0.1,
+            "kl_type": "k1",
+            "steps_per_rollout": 1,
+            "prompts_per_step": 1,
+        },
+        checkpoint={"load": str(tmp_path / "ckpt"), "load_optimizer": False, "reset_counters": True},
+    )
+    trainer, result, before = _train(kl_recipe, ["rl.loss=grpo"])
+    assert result["history"][0]["stage/kl"] == pytest.approx(0.0, abs=1e-6)
+    from joyai_megatron.rl.reference import snapshot
+
+    reference = trainer.stage.reference
+    assert all(torch.equal(reference[k], before[k]) for k in reference)  # the reference is the start
+    assert any(not torch.equal(before[k], t) for k, t in snapshot(trainer.model).items())
 
 
 def _final_state(trainer) -> dict[str, torch.Tensor]:
