@@ -168,7 +168,7 @@ def test_dry_run_cpu_mode_uses_tiny_recipe_and_gloo() -> None:
         ("sft_48b", "-m joyai_megatron sft recipes/sft/joyai_48b_a3b.yaml"),
         ("dpo_48b", "-m joyai_megatron dpo recipes/dpo/joyai_48b_a3b.yaml"),
         ("fiberpo_48b", "-m joyai_megatron rl recipes/rl/joyai_48b_a3b_fiberpo.yaml"),
-        ("qat_48b", "-m joyai_megatron qat recipes/qat/joyai_48b_a3b.yaml"),
+        ("qat_48b", "-m joyai_megatron qat recipes/qat/joyai_48b_a3b_int4.yaml"),
     ],
 )
 def test_dry_run_post_training_stages(script: str, entry: str) -> None:
