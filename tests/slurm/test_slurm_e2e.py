@@ -259,8 +259,8 @@ def stage_overrides(stage: str, data: Path) -> str:
         "sft": f"data.sft_path={data / 'sft/train.parquet'} sft.valid_path={data / 'sft/eval.parquet'}",
         "dpo": f"data.dpo_path={data / 'dpo/train.parquet'} dpo.valid_path={data / 'dpo/eval.parquet'}",
         "rl": f"data.rl_path={data / 'rl/train.jsonl'} rl.eval_path={data / 'rl/eval.jsonl'}",
-        "qat": "",
     }
+    per_stage["qat"] = per_stage["sft"]  # QAT trains on the SFT chat data (qat.data: sft)
     return f"data.tokenizer={data / 'tokenizer'} scheduler.warmup_tokens=0 {per_stage[stage]}".strip()
 
 
