@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path("runs/demo")
 PY = [sys.executable, "-m"]
+SFT_EVAL = "runs/demo/sft/exact_match.jsonl"
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,13 @@ STEPS: list[Step] = [
     _stage("pretrain", "recipes/pretrain/tiny_cpu/stage3.yaml", logs="runs/demo/pretrain/stage3/logs"),
     _stage("pretrain", "recipes/pretrain/tiny_cpu/stage4.yaml", logs="runs/demo/pretrain/stage4/logs"),
     _stage("sft", "recipes/sft/tiny_cpu.yaml", logs="runs/demo/sft/logs"),
+    Step(
+        "score the SFT model: greedy exact match on 100 held-out conversations",
+        [
+            *PY, "joyai_megatron.stages.sft_eval", "runs/demo/sft/checkpoints", "--data",
+            "runs/demo/data/corpus/sft/eval.jsonl", "--limit", "100", "--output", SFT_EVAL,
+        ],
+    ),
     _stage("dpo", "recipes/dpo/tiny_cpu.yaml", logs="runs/demo/dpo/logs"),
     _stage("rl", "recipes/rl/tiny_cpu.yaml", logs="runs/demo/rl/logs"),
     _stage("qat", "recipes/qat/tiny_cpu.yaml", logs="runs/demo/qat/logs"),
@@ -78,6 +86,9 @@ def summarize() -> list[str]:
     resumed = [m["step"] for m in stage1]
     if resumed:
         lines.append(f"stage 1 logged steps {resumed[0]}..{resumed[-1]} across the interruption at 100")
+    if Path(SFT_EVAL).exists():
+        scored = [json.loads(x)["correct"] for x in Path(SFT_EVAL).read_text().splitlines() if x.strip()]
+        lines.append(f"SFT exact match {sum(scored) / len(scored):.0%} on {len(scored)} held-out conversations")
     for name in ("sft", "dpo", "rl", "qat"):
         rows = _metrics(f"runs/demo/{name}/logs")
         if rows:
