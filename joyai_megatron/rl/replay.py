@@ -1,12 +1,19 @@
 """MoE routing replay through Megatron-Core's ``RouterReplay`` (``moe_enable_routing_replay``).
 
-The old-log-prob pass records every router's top-k expert choice per micro-batch; the update's
-forward replays exactly those choices (``REPLAY_FORWARD``: the router still computes its scores,
-so the gate weights stay differentiable, but the selected experts are the recorded ones). Without
-it, a parameter update that flips a near-tied top-k choice changes pi_theta discontinuously and
-the importance ratio measures routing noise rather than policy change (the "R2" mode of verl).
-Replaying the rollout engine's own routing ("R3") needs the engine to return routed experts and is
-not done here (docs/rl.md).
+The old-log-prob pass records every router's top-k expert choice per micro-batch; the update
+replays it (the "R2" mode of verl). A parameter update that flips a near-tied top-k choice would
+otherwise change pi_theta discontinuously, and the importance ratio would measure routing noise
+instead of policy change. Replaying the rollout engine's own routing ("R3") is not done here.
+
+Replay is ``REPLAY_FORWARD``: the router still computes its scores, so the gate weights stay
+differentiable, but the selected experts are the given ones.
+
+Activation recompute: a recomputed router (``model.recompute=full``, or selective with ``moe``)
+runs a second time inside backward. ``RouterReplay`` keeps every target it was given in a FIFO
+(``replay_backward_list``) that ``REPLAY_BACKWARD`` pops, so after each replayed forward the
+routers switch to ``REPLAY_BACKWARD`` and the FIFO is left alone until the step ends. Megatron's
+schedules run a chunk's backward passes in the order of its forwards (1F1B keeps up to ``pp``
+micro-batches in flight), so each recompute pops its own micro-batch's routing.
 
 Only the routers of the trainer's model chunks are driven (``RouterReplay`` also keeps a
 process-wide list, which other models built in the same process would join).
@@ -16,21 +23,26 @@ from __future__ import annotations
 
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
-from megatron.core.transformer.moe.router_replay import RouterReplayAction
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
 
-def replay_handles(chunk: torch.nn.Module) -> list:
-    """The ``RouterReplay`` objects of one model chunk, in layer order."""
-    handles = [m.router_replay for m in chunk.modules() if isinstance(m, TopKRouter)]
-    if any(h is None for h in handles):
+def routers(chunk: torch.nn.Module) -> list[TopKRouter]:
+    """The MoE routers of one model chunk, in layer order."""
+    found = [m for m in chunk.modules() if isinstance(m, TopKRouter)]
+    if any(m.router_replay is None for m in found):
         raise RuntimeError(
             "routing replay requested but the model was built without moe_enable_routing_replay"
         )
-    return handles
+    return found
+
+
+def replay_handles(chunk: torch.nn.Module) -> list[RouterReplay]:
+    """The ``RouterReplay`` objects of one model chunk, in layer order."""
+    return [m.router_replay for m in routers(chunk)]
 
 
 class RoutingReplay:
-    """Recorded top-k indices per (micro-batch, chunk); record, replay, clear."""
+    """Drives the routers of the trainer's chunks; holds the R2 recordings per (micro-batch, chunk)."""
 
     def __init__(self) -> None:
         self.routes: dict[tuple[int, int], list[torch.Tensor]] = {}
@@ -56,10 +68,27 @@ class RoutingReplay:
         key = (mb_index, chunk_index)
         if key not in self.routes:
             raise KeyError(f"routing replay: no recorded routing for micro-batch {mb_index}")
-        for h, idx in zip(replay_handles(chunk), self.routes[key], strict=True):
-            h.clear_indices()
-            h.set_target_indices(idx)
+        self.set_targets(chunk, self.routes[key])
+
+    @staticmethod
+    def set_targets(chunk: torch.nn.Module, targets: list[torch.Tensor]) -> None:
+        """Replay ``targets`` (one [tokens, top_k] tensor per router) in the next forward; each is
+        also queued for that micro-batch's recompute in backward."""
+        for h, idx in zip(replay_handles(chunk), targets, strict=True):
+            h.set_target_indices(idx)  # also appends to the recompute FIFO
             h.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+
+    @staticmethod
+    def after_forward(chunk: torch.nn.Module) -> None:
+        """After a replayed forward: a recompute in backward pops its routing from the FIFO."""
+        for h in replay_handles(chunk):
+            h.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+
+    @staticmethod
+    def reset(chunk: torch.nn.Module) -> None:
+        """Empty the targets and recompute FIFOs (between passes; a step's FIFO holds its own)."""
+        for h in replay_handles(chunk):
+            h.clear_indices()
 
     @staticmethod
     def release(chunk: torch.nn.Module) -> None:

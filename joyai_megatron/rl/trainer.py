@@ -27,10 +27,6 @@ def check_rl_recipe(recipe: Recipe) -> None:
         raise ValueError("parallel.cp must be 1 for rl: FiberPO's trajectory sums would need a CP all-reduce")
     if t.eval_interval:
         raise ValueError("train.eval_interval must be 0 for rl; use rl.eval_interval with rl.eval_path")
-    if rl.routing_replay and recipe.model.recompute != "none":
-        raise ValueError(
-            "rl.routing_replay needs model.recompute=none (replay during recompute is not wired)"
-        )
     if rl.kl_coef > 0 and not recipe.checkpoint.load:
         raise ValueError("rl.kl_coef > 0 needs checkpoint.load: the reference policy is that checkpoint")
     for key, value in (("data.rl_path", recipe.data.rl_path), ("data.tokenizer", recipe.data.tokenizer)):

@@ -126,6 +126,9 @@ class RLStage(Stage):
         if rollout != self.rollout_index:
             self._new_rollout(rollout, it)
         self.step_batches = self.steps[it % self.spr]
+        if self.replay is not None:
+            for chunk in self.trainer.model:
+                RoutingReplay.reset(chunk)  # the step's recompute FIFOs start empty
 
     def _new_rollout(self, rollout: int, iteration: int) -> None:
         """Generate, score and prepare rollout ``rollout``: old (and reference) log-probs included."""
@@ -215,6 +218,8 @@ class RLStage(Stage):
         logits = model(packed.tokens, packed.position_ids, None, packed_seq_params=packed.packed_seq_params)
         if self.replay is not None and self.mode == "old":
             self.replay.collect(mb, chunk, model)
+        elif self.replay is not None and self.mode == "train":
+            RoutingReplay.after_forward(model)  # a recompute in backward replays the same routing
         return logits, partial(self._loss, batch, packed.labels)
 
     def _loss(self, batch: dict[str, torch.Tensor], labels: torch.Tensor, logits: torch.Tensor):

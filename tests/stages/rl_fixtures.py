@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -66,3 +67,31 @@ def write_rl_recipe(directory: Path, tokenizer: Path, prompts: Path, **sections:
     directory.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def parity_reward(response: str, reference: str) -> float:
+    """A reward with variance under any policy: whether the response has an even length."""
+    del reference
+    return float(len(response) % 2 == 0)
+
+
+def rl_test_data(root: Path) -> tuple[Path, Path]:
+    """``build_rl_data`` plus the ``rl_test_parity`` reward the test recipes score with."""
+    from joyai_megatron.rl.rewards import available_rewards, register_reward
+
+    if "rl_test_parity" not in available_rewards():
+        register_reward("rl_test_parity")(parity_reward)
+    return build_rl_data(root)
+
+
+def train_rl(recipe_path: Path, overrides: list[str] | None = None) -> tuple[Any, dict, dict]:
+    """Build the RL trainer in this process, snapshot its initial weights, train;
+    returns (trainer, result, initial weights)."""
+    from joyai_megatron.config.recipe import load_recipe
+    from joyai_megatron.rl.reference import snapshot
+    from joyai_megatron.stages.rl import RLStage
+
+    recipe = load_recipe(str(recipe_path), overrides or [])
+    trainer = RLStage.trainer_class(recipe, RLStage)
+    before = snapshot(trainer.model)
+    return trainer, trainer.train(), before

@@ -12,36 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from rl_fixtures import build_rl_data, write_rl_recipe
+from rl_fixtures import rl_test_data, train_rl, write_rl_recipe
 
 pytestmark = pytest.mark.slow
 
 
-def _parity(response: str, reference: str) -> float:
-    """A reward with variance under any policy: whether the response has an even length."""
-    del reference
-    return float(len(response) % 2 == 0)
-
-
 @pytest.fixture(scope="module")
 def rl_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from joyai_megatron.rl.rewards import available_rewards, register_reward
-
-    if "rl_test_parity" not in available_rewards():
-        register_reward("rl_test_parity")(_parity)
-    return build_rl_data(tmp_path_factory.mktemp("rl_data"))
-
-
-def _train(recipe_path: Path, overrides: list[str] | None = None):
-    """Build the RL trainer, snapshot its initial weights, train; returns (trainer, result, before)."""
-    from joyai_megatron.config.recipe import load_recipe
-    from joyai_megatron.rl.reference import snapshot
-    from joyai_megatron.stages.rl import RLStage
-
-    recipe = load_recipe(str(recipe_path), overrides or [])
-    trainer = RLStage.trainer_class(recipe, RLStage)
-    before = snapshot(trainer.model)
-    return trainer, trainer.train(), before
+    return rl_test_data(tmp_path_factory.mktemp("rl_data"))
 
 
 @pytest.fixture
@@ -63,7 +41,7 @@ def _megatron_logits(trainer, ids: torch.Tensor) -> torch.Tensor:
 def test_fiberpo_loop_metrics_weights_and_sync(rl_data, tmp_path, shutdown):
     tokenizer, prompts = rl_data
     recipe = write_rl_recipe(tmp_path, tokenizer, prompts, rl={"routing_replay": True, "tis_clip": 2.0})
-    trainer, result, before = _train(recipe)
+    trainer, result, before = train_rl(recipe)
     history = result["history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     rollout_steps = [h for h in history if "stage/reward" in h]
@@ -113,7 +91,7 @@ def test_grpo_from_the_same_recipe_and_kl_to_the_start(rl_data, tmp_path, shutdo
 
     tokenizer, prompts = rl_data
     recipe = write_rl_recipe(tmp_path, tokenizer, prompts, train={"train_iters": 2}, rl={"eval_interval": 0})
-    _, result, _ = _train(recipe, ["rl.loss=grpo"])
+    _, result, _ = train_rl(recipe, ["rl.loss=grpo"])
     trained = [h for h in result["history"] if "stage/pg_loss" in h]
     assert trained
     for key in ("stage/tokens_clip_pass_frac", "stage/clip_low_frac", "stage/entropy", "stage/ratio_max"):
@@ -134,7 +112,7 @@ def test_grpo_from_the_same_recipe_and_kl_to_the_start(rl_data, tmp_path, shutdo
         },
         checkpoint={"load": str(tmp_path / "ckpt"), "load_optimizer": False, "reset_counters": True},
     )
-    trainer, result, before = _train(kl_recipe, ["rl.loss=grpo"])
+    trainer, result, before = train_rl(kl_recipe, ["rl.loss=grpo"])
     assert result["history"][0]["stage/kl"] == pytest.approx(0.0, abs=1e-6)
     from joyai_megatron.rl.reference import snapshot
 
@@ -157,7 +135,7 @@ def test_resume_is_exact_mid_rollout_and_async(rl_data, tmp_path, shutdown):
     tokenizer, prompts = rl_data
     overrides = {"rl": {"async_rollout": True, "eval_interval": 0}, "checkpoint": {"save_interval": 3}}
     straight = write_rl_recipe(tmp_path / "a", tokenizer, prompts, **overrides)
-    trainer, result, _ = _train(straight)
+    trainer, result, _ = train_rl(straight)
     reference = _final_state(trainer)
     step4 = result["history"][-1]
     close()
@@ -167,7 +145,7 @@ def test_resume_is_exact_mid_rollout_and_async(rl_data, tmp_path, shutdown):
     shutil.rmtree(resumed_dir / "ckpt" / "iter_0000004")
     (resumed_dir / "ckpt" / "latest_checkpointed_iteration.txt").write_text("3")
     recipe = write_rl_recipe(resumed_dir, tokenizer, prompts, **overrides)
-    trainer, result, _ = _train(recipe)
+    trainer, result, _ = train_rl(recipe)
     assert [h["step"] for h in result["history"]] == [4]
     again = result["history"][0]
     for key, value in step4.items():
@@ -301,18 +279,48 @@ def test_prompt_order_is_a_function_of_the_rollout():
     assert sorted(first[:10].tolist()) == list(range(10)) and sorted(first[10:20].tolist()) == list(range(10))
 
 
-def test_logprobs_and_entropy_match_log_softmax(shutdown):
+def test_logprobs_and_entropy_match_log_softmax(shutdown, monkeypatch):
     from joyai_megatron.convert.megatron_model import init_single_process
+    from joyai_megatron.rl import logprobs
     from joyai_megatron.rl.logprobs import token_entropy, token_logprobs
 
     init_single_process()
+    monkeypatch.setattr(logprobs, "ENTROPY_CHUNK", 3)  # 7 tokens: three slices
     logits = torch.randn(1, 7, 11, generator=torch.Generator().manual_seed(0))
+    original = logits.clone()
     targets = torch.randint(0, 11, (1, 7))
-    logp = torch.log_softmax(logits / 0.7, -1)
-    assert torch.allclose(
-        token_logprobs(logits.clone(), targets, 0.7), logp.gather(-1, targets[..., None])[..., 0], atol=1e-6
-    )
-    assert torch.allclose(token_entropy(logits, 0.7), -(logp.exp() * logp).sum(-1), atol=1e-5)
+    for temperature in (0.7, 1.0):
+        logp = torch.log_softmax(logits / temperature, -1)
+        got = token_logprobs(logits, targets, temperature)
+        assert torch.allclose(got, logp.gather(-1, targets[..., None])[..., 0], atol=1e-6)
+        assert torch.equal(logits, original)  # the in-place cross entropy works on a copy
+        assert torch.allclose(token_entropy(logits, temperature), -(logp.exp() * logp).sum(-1), atol=1e-5)
+    bf16 = logits.bfloat16().requires_grad_()
+    token_logprobs(bf16, targets, 0.7).sum().backward()  # the in-place temperature keeps autograd
+    want = torch.autograd.grad(
+        torch.log_softmax(bf16.float() / 0.7, -1).gather(-1, targets[..., None]).sum(), bf16
+    )[0]
+    assert torch.allclose(bf16.grad.float(), want.float(), atol=1e-2)
+
+
+def test_48b_recipe_fits_its_cluster(capsys):
+    """The shipped 48B recipe on the cluster its comments name (16 nodes x 8 80-GB GPUs) passes
+    the Slurm preflight; without activation recompute its 16K-token rows would not fit."""
+    import json
+
+    from joyai_megatron import cli
+
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "rl" / "joyai_48b_a3b_fiberpo.yaml")
+    cluster = ["--nodes", "16", "--gpus-per-node", "8", "--gpu-memory-gb", "80", "--json"]
+    assert cli.main(["plan", recipe, *cluster]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fits"] and report["layout"]["world_size"] == 128
+    from joyai_megatron.rl.logprobs import ENTROPY_CHUNK
+
+    entropy_slices = 4 * ENTROPY_CHUNK * 129280 * 4 / 1e9  # the loss's fp32 temporaries, not in plan
+    assert report["per_gpu_gb"] + entropy_slices <= report["usable_gb"]
+    assert cli.main(["plan", recipe, "model.recompute=none", *cluster]) == 1
+    assert not json.loads(capsys.readouterr().out)["fits"]
 
 
 def test_math_format_reward():
