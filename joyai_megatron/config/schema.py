@@ -197,7 +197,7 @@ class RLCfg:
     rollout_args: dict[str, Any] = field(default_factory=dict)  # extra engine arguments (vllm/sglang)
     async_rollout: bool = False  # generate rollout k+1 while training on rollout k (one step stale)
     tis_clip: float | None = None  # truncated importance sampling of old-policy vs rollout log-probs
-    routing_replay: bool = False  # replay the old-log-prob pass's MoE routing in the update
+    routing_replay: str = "none"  # none | r2 (old-log-prob pass routing) | r3 (rollout engine routing)
     curriculum: bool = False
     pass_rates: str | None = None  # JSON {prompt id: pass rate}; None estimates them at start
     pass_rate_rollouts: int = 10

@@ -5,6 +5,9 @@ its own packed segment (positions restart), so ``pack_batch`` gives one THD sequ
 micro-batch of a fixed total length (pipeline stages exchange fixed shapes). Per-token tensors are
 aligned to the *predicting* position j: ``labels[j]`` is token j + 1 and ``loss_mask[j]`` is 1 when
 that token belongs to the response, so the log-prob computed at j is the one the loss needs.
+With rollout routing replay the engine's routing of input token j sits at packed index
+``row * seq_length + j`` of ``routed_experts`` [rows * seq_length, moe_layers, top_k] (int16, -1
+where the engine routed nothing: the last response token, padding).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class Trajectory:
     group: int  # index of the prompt within this rollout (global over data-parallel ranks)
     domain: int
     advantage: float = 0.0
+    routed_experts: torch.Tensor | None = None  # Sample.routed_experts (R3)
 
 
 @dataclass
@@ -65,6 +69,7 @@ def score(
                     reward,
                     group,
                     domain_index[prompt.domain],
+                    routed_experts=sample.routed_experts,
                 )
             )
     return out
@@ -157,7 +162,27 @@ def micro_batches(
         batch["group_ids"] = torch.tensor([t.group if t else -1 - i for i, t in enumerate(rows)])
         batch["domain_ids"] = torch.tensor([t.domain if t else -1 for t in rows])
         batch["mb_index"] = torch.tensor(first_index + k)
+        if any(t is not None and t.routed_experts is not None for t in rows):
+            batch["routed_experts"] = _routes(rows, seq_length)
         out.append(batch)
+    return out
+
+
+def _routes(rows: list[Trajectory | None], seq_length: int) -> torch.Tensor:
+    """The rows' engine routing in packed order; -1 (UNSET) where the engine routed nothing."""
+    shape = next(t.routed_experts.shape[1:] for t in rows if t is not None and t.routed_experts is not None)
+    out = torch.full((len(rows) * seq_length, *shape), -1, dtype=torch.int16)
+    for i, traj in enumerate(rows):
+        if traj is None:
+            continue
+        fed = len(traj.prompt_ids) + len(traj.response_ids) - 1
+        routes = traj.routed_experts
+        if routes is None or tuple(routes.shape) != (fed, *shape):
+            raise ValueError(
+                f"rollout routing of shape {None if routes is None else tuple(routes.shape)} for a "
+                f"trajectory of {fed} input tokens; expected {(fed, *shape)}"
+            )
+        out[i * seq_length : i * seq_length + fed] = routes
     return out
 
 

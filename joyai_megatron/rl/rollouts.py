@@ -26,6 +26,7 @@ from joyai_megatron.config.schema import Recipe
 from joyai_megatron.model.presets import ModelArch
 from joyai_megatron.rl.batch import RolloutStats, Trajectory, assign_advantages, score
 from joyai_megatron.rl.prompts import Prompt, PromptSampler
+from joyai_megatron.rl.replay import replay_mode
 from joyai_megatron.rl.rollout import SamplingParams, build_engine
 from joyai_megatron.rl.rollout.async_worker import BackgroundTask
 from joyai_megatron.rl.rollout.weight_sync import full_model_hf_weights
@@ -65,6 +66,9 @@ class RolloutManager:
             if self.is_generator
             else None
         )
+        self.record_routing = replay_mode(self.rl.routing_replay) == "r3"
+        if self.record_routing and self.engine is not None and not self.engine.records_routing:
+            raise ValueError(f"rl.routing_replay=r3: the {self.engine.name} engine cannot record its routing")
         self.pending: tuple[int, BackgroundTask] | None = None
         self.restored: dict[int, list[Trajectory]] = {}
         self.timings: dict[str, float] = {}
@@ -110,7 +114,13 @@ class RolloutManager:
         start = time.perf_counter()
         prompts, groups = self._rank_prompts(rollout)
         seed = rollout_seed(self.recipe.train.seed, rollout, self.dp_rank)
-        gens = self.engine.generate([p.token_ids for p in prompts], self.rl.group_size, self.params, seed)
+        gens = self.engine.generate(
+            [p.token_ids for p in prompts],
+            self.rl.group_size,
+            self.params,
+            seed,
+            record_routing=self.record_routing,
+        )
         trajectories = score(prompts, groups, gens, self._reward_fn, self.decode, self.domains)
         self.timings["generate_s"] = time.perf_counter() - start
         return trajectories

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from joyai_megatron.config.schema import Recipe
 from joyai_megatron.rl.objective import check_rl_config
+from joyai_megatron.rl.replay import replay_mode
 from joyai_megatron.training.distributed import read_dist_env
 from joyai_megatron.training.trainer import Trainer
 
@@ -18,6 +19,7 @@ def check_rl_recipe(recipe: Recipe) -> None:
     """Every RL-specific recipe error, raised before process groups or models exist."""
     rl, t, p = recipe.rl, recipe.train, recipe.parallel
     check_rl_config(rl)
+    replay = replay_mode(rl.routing_replay)
     if recipe.model.mtp_enabled:
         raise ValueError(
             "model.mtp_enabled must be false for rl: the MTP block is not trained on rollouts "
@@ -27,6 +29,15 @@ def check_rl_recipe(recipe: Recipe) -> None:
         raise ValueError("parallel.cp must be 1 for rl: FiberPO's trajectory sums would need a CP all-reduce")
     if t.eval_interval:
         raise ValueError("train.eval_interval must be 0 for rl; use rl.eval_interval with rl.eval_path")
+    if replay == "r3" and rl.rollout_backend != "local":
+        raise ValueError(
+            f"rl.routing_replay=r3 replays the experts the rollout engine routed each token to, and "
+            f"only the local engine records them here. rollout_backend={rl.rollout_backend} would need "
+            "rl/rollout/engines.py to request and read them: vLLM with the engine argument "
+            "enable_return_routed_experts=True (CompletionOutput.routed_experts, [tokens, layers, "
+            "top_k]), SGLang with enable_return_routed_experts and generate(return_routed_experts=True) "
+            "(meta_info['routed_experts']), laid out as Sample.routed_experts. Use rl.routing_replay=r2"
+        )
     if rl.kl_coef > 0 and not recipe.checkpoint.load:
         raise ValueError("rl.kl_coef > 0 needs checkpoint.load: the reference policy is that checkpoint")
     for key, value in (("data.rl_path", recipe.data.rl_path), ("data.tokenizer", recipe.data.tokenizer)):
@@ -63,5 +74,5 @@ class RLTrainer(Trainer):
         super().__init__(recipe, stage)
 
     def _build_model(self) -> list:
-        self.config.moe_enable_routing_replay = self.recipe.rl.routing_replay
+        self.config.moe_enable_routing_replay = replay_mode(self.recipe.rl.routing_replay) != "none"
         return super()._build_model()

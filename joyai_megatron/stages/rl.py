@@ -3,8 +3,8 @@
 Per rollout (``before_step``): sync the weights into the rollout engine, generate ``group_size``
 samples for each prompt, score them, compute group advantages (dropping zero-variance groups),
 then one forward-only pass of the trainer's model recomputes the old log-probs (recording the MoE
-routing when ``rl.routing_replay``), and, with ``rl.kl_coef`` > 0, a pass with the reference
-weights swapped in. Each of the ``rl.steps_per_rollout`` optimizer steps then trains on one
+routing with ``rl.routing_replay=r2``, replaying the engine's with ``r3``), and, with
+``rl.kl_coef`` > 0, a pass with the reference weights swapped in. Each of the ``rl.steps_per_rollout`` optimizer steps then trains on one
 mini-batch through ``forward_step``: response-token log-probs from GPTModel's logits (vocab-parallel
 under TP), the chosen loss, optional truncated importance sampling against the rollout engine's
 log-probs. docs/rl.md has the whole picture.
@@ -25,7 +25,7 @@ from joyai_megatron.rl.logprobs import token_entropy, token_logprobs
 from joyai_megatron.rl.objective import policy_loss, token_regimes
 from joyai_megatron.rl.prompts import PromptSampler, load_prompts, read_pass_rates
 from joyai_megatron.rl.reference import reference_from_checkpoint, snapshot, swapped_weights
-from joyai_megatron.rl.replay import RoutingReplay
+from joyai_megatron.rl.replay import RoutingReplay, moe_ordinals, replay_mode, rollout_targets
 from joyai_megatron.rl.rollout_state import estimate_pass_rates, load_side_state, save_side_state
 from joyai_megatron.rl.rollouts import RolloutManager
 from joyai_megatron.rl.step_metrics import StepMetrics
@@ -77,7 +77,19 @@ class RLStage(Stage):
         self.last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         self.tp_rank0 = parallel_state.get_tensor_model_parallel_rank() == 0
         self.chunk_index = {id(c): i for i, c in enumerate(trainer.model)}
-        self.replay = RoutingReplay() if rl.routing_replay else None
+        mode = replay_mode(rl.routing_replay)
+        self.replay = RoutingReplay(mode) if mode != "none" else None
+        if mode == "r3":
+            self.moe_ordinals = {
+                i: moe_ordinals(chunk, list(self.arch.moe_layer_freq))
+                for i, chunk in enumerate(trainer.model)
+            }
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            self.sp_slice = None
+            if r.parallel.sequence_parallel and tp > 1:  # each TP rank routes its sequence part
+                part = r.train.micro_batch_size * r.train.seq_length // tp
+                rank = parallel_state.get_tensor_model_parallel_rank()
+                self.sp_slice = slice(rank * part, (rank + 1) * part)
         self.mode = "train"
         self.store: dict[str, dict[int, torch.Tensor]] = {"old": {}, "ref": {}}
         self.steps: list[list[dict[str, torch.Tensor]]] = []
@@ -210,17 +222,36 @@ class RLStage(Stage):
         batch = next(data_iterator)
         mb, chunk = int(batch["mb_index"]), self.chunk_index[id(model)]
         if self.replay is not None:
-            {"old": RoutingReplay.record, "ref": RoutingReplay.release}.get(
-                self.mode, partial(self.replay.replay, mb, chunk)
-            )(model)
+            self._route(batch, mb, chunk, model)
         packed = pack_batch(batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"])
         packed = packed.to(current_device())
         logits = model(packed.tokens, packed.position_ids, None, packed_seq_params=packed.packed_seq_params)
-        if self.replay is not None and self.mode == "old":
+        if self.replay is not None and self.mode == "old" and self.replay.mode == "r2":
             self.replay.collect(mb, chunk, model)
         elif self.replay is not None and self.mode == "train":
             RoutingReplay.after_forward(model)  # a recompute in backward replays the same routing
         return logits, partial(self._loss, batch, packed.labels)
+
+    def _route(self, batch: dict[str, torch.Tensor], mb: int, chunk: int, model: torch.nn.Module) -> None:
+        """Set this chunk's routers for the coming forward: R2 records in the old-log-prob pass and
+        replays in the update; R3 replays the engine's routing in both; the reference routes freely."""
+        if self.mode == "ref":
+            RoutingReplay.release(model)
+        elif self.replay.mode == "r2":
+            if self.mode == "old":
+                RoutingReplay.record(model)
+            else:
+                self.replay.replay(mb, chunk, model)
+        else:
+            if "routed_experts" not in batch:
+                raise RuntimeError("rl.routing_replay=r3: the micro-batch carries no rollout routing")
+            targets = rollout_targets(
+                batch["routed_experts"].to(current_device()),
+                self.moe_ordinals[chunk],
+                self.arch.num_experts,
+                self.sp_slice,
+            )
+            RoutingReplay.set_targets(model, targets)
 
     def _loss(self, batch: dict[str, torch.Tensor], labels: torch.Tensor, logits: torch.Tensor):
         rows, mb = batch["tokens"].shape, int(batch["mb_index"])

@@ -49,12 +49,17 @@ class Sample:
     text: str = ""
     reward: float = 0.0
     meta: dict = field(default_factory=dict)
+    # With ``record_routing``: int16 [len(prompt) + len(token_ids) - 1, moe_layers, top_k], the
+    # experts every MoE layer routed each input token to (prompt, then the response tokens fed back
+    # while decoding; the last response token is never fed). Rollout routing replay (R3) input.
+    routed_experts: torch.Tensor | None = None
 
 
 class RolloutEngine(ABC):
     """A generator whose weights the trainer replaces after every optimizer step."""
 
     name = "engine"
+    records_routing = False  # can fill Sample.routed_experts (``generate(record_routing=True)``)
 
     @abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -62,13 +67,29 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def generate(
-        self, prompts: list[list[int]], n: int, params: SamplingParams, seed: int
+        self,
+        prompts: list[list[int]],
+        n: int,
+        params: SamplingParams,
+        seed: int,
+        *,
+        record_routing: bool = False,
     ) -> list[list[Sample]]:
         """``n`` samples for each prompt (token ids), as ``[prompt][sample]``.
 
         Sampling must be a function of (weights, prompts, params, seed) so a resumed run redraws
-        the rollouts the interrupted one drew.
+        the rollouts the interrupted one drew. ``record_routing`` fills ``Sample.routed_experts``
+        (engines with ``records_routing`` only).
         """
 
     def shutdown(self) -> None:  # noqa: B027 - engines without resources need nothing
         """Release the engine's resources (processes, GPU memory)."""
+
+
+def no_routing_record(engine: RolloutEngine, record_routing: bool) -> None:
+    """Refuse ``record_routing`` on an engine that cannot record routing."""
+    if record_routing:
+        raise ValueError(
+            f"the {engine.name} rollout engine does not return the experts it routed tokens to "
+            "(needed by rl.routing_replay=r3); use rl.routing_replay=r2"
+        )

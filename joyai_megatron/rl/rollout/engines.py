@@ -29,7 +29,7 @@ import torch
 
 from joyai_megatron.convert.hf_config import arch_to_hf_config, generation_config
 from joyai_megatron.model.presets import ModelArch
-from joyai_megatron.rl.rollout.base import RolloutEngine, Sample, SamplingParams
+from joyai_megatron.rl.rollout.base import RolloutEngine, Sample, SamplingParams, no_routing_record
 
 
 def require(package: str, backend: str) -> Any:
@@ -112,8 +112,15 @@ class VLLMEngine(RolloutEngine):
         return count
 
     def generate(
-        self, prompts: list[list[int]], n: int, params: SamplingParams, seed: int
+        self,
+        prompts: list[list[int]],
+        n: int,
+        params: SamplingParams,
+        seed: int,
+        *,
+        record_routing: bool = False,
     ) -> list[list[Sample]]:
+        no_routing_record(self, record_routing)
         self._wake()
         sampling = self._vllm.SamplingParams(
             n=n,
@@ -174,8 +181,15 @@ class SGLangEngine(RolloutEngine):
         return count
 
     def generate(
-        self, prompts: list[list[int]], n: int, params: SamplingParams, seed: int
+        self,
+        prompts: list[list[int]],
+        n: int,
+        params: SamplingParams,
+        seed: int,
+        *,
+        record_routing: bool = False,
     ) -> list[list[Sample]]:
+        no_routing_record(self, record_routing)
         self._resume()
         rows = [p for p in prompts for _ in range(n)]
         sampling = {

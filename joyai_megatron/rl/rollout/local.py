@@ -9,6 +9,13 @@ Decoding is our own loop over the model's KV cache rather than ``generate``: sam
 from a private ``torch.Generator`` (so rollouts are a function of the seed, which makes resume
 exact, and a background thread never touches the global RNG), and the log-prob of each sampled
 token is taken from the very distribution it was drawn from.
+
+With ``record_routing`` (rollout routing replay, R3) forward hooks on every MoE gate keep the
+top-k expert indices of each forward call: the left-padded prompt block, then one column per
+decoding step (the token sampled at the step before). Row i's prompt of length p and response of
+length r then occupy the contiguous columns [W - p, W + r - 1) of the W-wide prompt block plus the
+decoding columns: exactly the p + r - 1 input tokens of the trainer's row whose outputs predict a
+response token (the last response token is never fed).
 """
 
 from __future__ import annotations
@@ -92,6 +99,42 @@ class HFWeightWriter:
         return slots
 
 
+class RoutingRecorder:
+    """Forward hooks on the MoE gates of a transformers DeepseekV3 model (layer order): each
+    forward call's top-k expert indices, as [batch, tokens, top_k] per layer."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+        self.gates = [m for m in model.modules() if isinstance(m, DeepseekV3TopkRouter)]
+        if any(g.num_experts > torch.iinfo(torch.int16).max for g in self.gates):
+            raise ValueError("routing record: more experts than int16 indices hold")
+        self.calls: list[list[torch.Tensor]] = [[] for _ in self.gates]
+        self.handles: list = []
+
+    def __enter__(self) -> RoutingRecorder:
+        for layer, gate in enumerate(self.gates):
+            self.handles.append(gate.register_forward_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _hook(self, layer: int):
+        def keep(module: torch.nn.Module, args: tuple, output: tuple) -> None:
+            del module
+            batch, tokens = args[0].shape[:2]
+            self.calls[layer].append(output[2].view(batch, tokens, -1).to(torch.int16))
+
+        return keep
+
+    def columns(self) -> torch.Tensor:
+        """[batch, columns fed, moe_layers, top_k] on the host."""
+        return torch.stack([torch.cat(calls, dim=1) for calls in self.calls], dim=2).cpu()
+
+
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero the tail outside the smallest set of tokens whose mass reaches top_p (renormalised)."""
     if top_p >= 1.0:
@@ -107,6 +150,7 @@ class LocalHFEngine(RolloutEngine):
     """Batched sampling with a KV cache on a transformers DeepseekV3 model held in this process."""
 
     name = "local"
+    records_routing = True
 
     def __init__(
         self,
@@ -134,12 +178,31 @@ class LocalHFEngine(RolloutEngine):
         """Full-sequence logits [b, s, V] (weight-sync checks compare these with Megatron's)."""
         return self.model(input_ids=input_ids.to(self.device)).logits.float()
 
-    @torch.no_grad()
     def generate(
-        self, prompts: list[list[int]], n: int, params: SamplingParams, seed: int
+        self,
+        prompts: list[list[int]],
+        n: int,
+        params: SamplingParams,
+        seed: int,
+        *,
+        record_routing: bool = False,
     ) -> list[list[Sample]]:
         if not prompts:
             return []
+        if not record_routing:
+            return self._generate(prompts, n, params, seed, None)
+        with RoutingRecorder(self.model) as recorder:
+            return self._generate(prompts, n, params, seed, recorder)
+
+    @torch.no_grad()
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        params: SamplingParams,
+        seed: int,
+        recorder: RoutingRecorder | None,
+    ) -> list[list[Sample]]:
         from transformers import DynamicCache
 
         rows = [p for p in prompts for _ in range(n)]
@@ -182,18 +245,31 @@ class LocalHFEngine(RolloutEngine):
                 break
             step_ids, step_pos = next_ids[:, None], step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        return _split(rows, torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu(), stop.cpu(), n)
+        routes = recorder.columns() if recorder is not None else None
+        return _split(
+            rows, torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu(), stop.cpu(), n, routes
+        )
 
 
 def _split(
-    rows: list[list[int]], tokens: torch.Tensor, logprobs: torch.Tensor, stop: torch.Tensor, n: int
+    rows: list[list[int]],
+    tokens: torch.Tensor,
+    logprobs: torch.Tensor,
+    stop: torch.Tensor,
+    n: int,
+    routes: torch.Tensor | None = None,
 ) -> list[list[Sample]]:
-    """Cut each row after its first stop token and group rows back per prompt."""
+    """Cut each row after its first stop token and group rows back per prompt; with ``routes``
+    [rows, columns, moe_layers, top_k] (left-padded prompt block first), each sample's routing."""
     samples = []
-    for i in range(len(rows)):
+    width = max(len(p) for p in rows)
+    for i, prompt in enumerate(rows):
         hits = torch.nonzero(torch.isin(tokens[i], stop)).flatten()
         length = int(hits[0]) + 1 if hits.numel() else tokens.shape[1]
-        samples.append(
-            Sample(tokens[i, :length].tolist(), logprobs[i, :length].tolist(), stopped=bool(hits.numel()))
+        sample = Sample(
+            tokens[i, :length].tolist(), logprobs[i, :length].tolist(), stopped=bool(hits.numel())
         )
+        if routes is not None:  # a copy: a view would pickle (and save) the whole batch's storage
+            sample.routed_experts = routes[i, width - len(prompt) : width + length - 1].clone()
+        samples.append(sample)
     return [samples[k * n : (k + 1) * n] for k in range(len(rows) // n)]

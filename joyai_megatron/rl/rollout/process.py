@@ -35,7 +35,13 @@ def _serve(
             break
         kind, args = request
         try:
-            result = engine.generate(*args) if kind == "generate" else engine.forward_logits(*args)
+            if kind == "generate":
+                prompts, n, params, seed, record_routing = args
+                result = engine.generate(prompts, n, params, seed, record_routing=record_routing)
+                for sample in (s for group in result for s in group if s.routed_experts is not None):
+                    sample.routed_experts = sample.routed_experts.numpy()  # pickled, not shared fds
+            else:
+                result = engine.forward_logits(*args)
             conn.send(("ok", result))
         except Exception as err:  # noqa: BLE001 - re-raised in the parent
             conn.send(("error", repr(err)))
@@ -43,6 +49,7 @@ def _serve(
 
 class ProcessHFEngine(RolloutEngine):
     name = "local"
+    records_routing = True
 
     def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32, threads: int = 1) -> None:
         if torch.cuda.is_available():
@@ -74,9 +81,18 @@ class ProcessHFEngine(RolloutEngine):
         return value
 
     def generate(
-        self, prompts: list[list[int]], n: int, params: SamplingParams, seed: int
+        self,
+        prompts: list[list[int]],
+        n: int,
+        params: SamplingParams,
+        seed: int,
+        *,
+        record_routing: bool = False,
     ) -> list[list[Sample]]:
-        return self._call("generate", prompts, n, params, seed)
+        result = self._call("generate", prompts, n, params, seed, record_routing)
+        for sample in (s for group in result for s in group if s.routed_experts is not None):
+            sample.routed_experts = torch.from_numpy(sample.routed_experts)
+        return result
 
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._call("logits", input_ids)
