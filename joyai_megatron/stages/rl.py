@@ -4,10 +4,11 @@ Per rollout (``before_step``): sync the weights into the rollout engine, generat
 samples for each prompt, score them, compute group advantages (dropping zero-variance groups),
 then one forward-only pass of the trainer's model recomputes the old log-probs (recording the MoE
 routing with ``rl.routing_replay=r2``, replaying the engine's with ``r3``), and, with
-``rl.kl_coef`` > 0, a pass with the reference weights swapped in. Each of the ``rl.steps_per_rollout`` optimizer steps then trains on one
-mini-batch through ``forward_step``: response-token log-probs from GPTModel's logits (vocab-parallel
-under TP), the chosen loss, optional truncated importance sampling against the rollout engine's
-log-probs. docs/rl.md has the whole picture.
+``rl.kl_coef`` > 0, a pass with the reference weights swapped in. Each of the
+``rl.steps_per_rollout`` optimizer steps then trains on one mini-batch through ``forward_step``:
+response-token log-probs from GPTModel's logits (vocab-parallel under TP), the chosen loss,
+optional truncated importance sampling against the rollout engine's log-probs. docs/rl.md has the
+whole picture.
 """
 
 from __future__ import annotations
