@@ -1,4 +1,8 @@
-"""Data and recipes for the RL stage tests: a trained demo tokenizer and a few word problems."""
+"""Data and recipes for the RL stage tests: a trained demo tokenizer and a few word problems.
+
+Run as a script (``torchrun ... rl_fixtures.py rl RECIPE [overrides]``) it is the CLI with the
+test rewards registered, so multi-rank runs can score with ``rl_test_parity`` too.
+"""
 
 from __future__ import annotations
 
@@ -75,12 +79,17 @@ def parity_reward(response: str, reference: str) -> float:
     return float(len(response) % 2 == 0)
 
 
-def rl_test_data(root: Path) -> tuple[Path, Path]:
-    """``build_rl_data`` plus the ``rl_test_parity`` reward the test recipes score with."""
+def register_test_rewards() -> None:
+    """The ``rl_test_parity`` reward the test recipes score with (once per process)."""
     from joyai_megatron.rl.rewards import available_rewards, register_reward
 
     if "rl_test_parity" not in available_rewards():
         register_reward("rl_test_parity")(parity_reward)
+
+
+def rl_test_data(root: Path) -> tuple[Path, Path]:
+    """``build_rl_data`` with the test rewards registered."""
+    register_test_rewards()
     return build_rl_data(root)
 
 
@@ -95,3 +104,31 @@ def train_rl(recipe_path: Path, overrides: list[str] | None = None) -> tuple[Any
     trainer = RLStage.trainer_class(recipe, RLStage)
     before = snapshot(trainer.model)
     return trainer, trainer.train(), before
+
+
+def run_rl_ranks(recipe: Path, overrides: list[str], nproc: int, timeout: int = 900):
+    """The rl stage on ``nproc`` gloo ranks through torchrun, with the test rewards registered."""
+    import subprocess
+    import sys
+
+    from joyai_helpers import clean_env, free_port
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-port", str(free_port()), __file__, "rl", str(recipe), *overrides,
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout[-6000:] + result.stderr[-6000:])
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    from joyai_megatron.cli import main
+
+    register_test_rewards()
+    sys.exit(main(sys.argv[1:]))

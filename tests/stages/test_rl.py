@@ -371,3 +371,48 @@ def test_tensor_parallel_two_ranks(rl_data, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["stage/mismatch/logprob_abs_max"] < 1e-4
     assert math.isfinite(rows[0]["stage/entropy"])
+
+
+@pytest.mark.multiproc
+def test_expert_parallel_two_ranks_matches_one(rl_data, tmp_path, shutdown):
+    """EP=2 on 2 gloo ranks (each holds 4 of the 8 experts per layer; TP=2 with sequence
+    parallelism beside it, so there is one data-parallel replica and both runs draw the same
+    rollouts) with R3 routing replay, from the same step-0 checkpoint as a single-rank run: the
+    same rollout, step 1's loss, gradient norm, entropy and engine log-prob agreement, and step 2's
+    ratios after the update. (Step 1 is on-policy, where FiberPO's loss is 0 for whole groups; the
+    gradient norm is the sharp check.)"""
+    from joyai_helpers import read_metrics
+    from rl_fixtures import run_rl_ranks
+
+    from joyai_megatron.training.distributed import shutdown as close
+
+    tokenizer, prompts = rl_data
+    init = write_rl_recipe(
+        tmp_path / "init", tokenizer, prompts, train={"train_iters": 0},
+        rl={"eval_interval": 0, "rollout_args": {"process": False}},
+    )  # fmt: skip
+    train_rl(init)
+    close()
+    load = [f"checkpoint.load={tmp_path / 'init' / 'ckpt'}", "checkpoint.load_optimizer=false"]
+    sections = {"train": {"train_iters": 2}, "rl": {"eval_interval": 0, "routing_replay": "r3"}}
+    single = write_rl_recipe(tmp_path / "single", tokenizer, prompts, **sections)
+    _, result, _ = train_rl(single, load)
+    expected = result["history"]
+    close()
+    ranks = write_rl_recipe(tmp_path / "ep2", tokenizer, prompts, **sections)
+    layout = ["parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true"]
+    assert run_rl_ranks(ranks, load + layout, nproc=2).returncode == 0
+    got = read_metrics(tmp_path / "ep2" / "logs")
+    assert [r["step"] for r in got] == [h["step"] for h in expected] == [1, 2]
+    first, ref = got[0], expected[0]
+    for key in ("stage/reward", "stage/response_length", "stage/filtered_frac"):
+        assert first[key] == ref[key], key  # the same rollout
+    for key in ("policy_loss", "stage/pg_loss", "stage/entropy"):
+        assert first[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), key
+    assert first["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+    assert first["stage/mismatch/logprob_abs_max"] < 1e-5
+    # Step 2 trains on the rollout's second half after one Adam update (off-policy: ratio > 1).
+    second, ref2 = got[1], expected[1]
+    assert second["stage/ratio_max"] > 1.0
+    for key in ("stage/ratio_max", "stage/pg_loss", "stage/entropy"):
+        assert second[key] == pytest.approx(ref2[key], rel=1e-3, abs=1e-6), (key, second[key], ref2[key])
