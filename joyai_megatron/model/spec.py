@@ -25,6 +25,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from joyai_megatron.compat.mla import replicated_down_projection
 from joyai_megatron.model.attention import SDPACoreAttention
 from joyai_megatron.model.experts import GroupedMMExperts
 from joyai_megatron.model.norm import LocalRMSNorm
@@ -76,13 +77,16 @@ def _group_experts(layer: ModuleSpec) -> None:
 
 
 def _localize(spec: Any, grouped_experts: bool = False) -> Any:
-    """The ``local`` backend: SDPA core attention, sequence-parallel-capable RMSNorm and, with
-    ``moe_grouped_gemm``, grouped-GEMM experts."""
+    """The ``local`` backend: SDPA core attention, replicated MLA down projections,
+    sequence-parallel-capable RMSNorm and, with ``moe_grouped_gemm``, grouped-GEMM experts."""
     spec = copy.deepcopy(spec)
     _swap_norms(spec)
     layers = spec.layer_specs if isinstance(spec, TransformerBlockSubmodules) else [spec]
     for layer in layers:
-        layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+        attention = layer.submodules.self_attention.submodules
+        attention.core_attention = SDPACoreAttention
+        # Replicated down projections, as with TE: exact k_pos_emb gradients under TP (compat/mla.py).
+        attention.linear_q_down_proj = attention.linear_kv_down_proj = replicated_down_projection()
         if grouped_experts:
             _group_experts(layer)
     return spec

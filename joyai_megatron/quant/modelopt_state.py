@@ -49,14 +49,33 @@ def is_quantized(model: torch.nn.Module) -> bool:
     return mto.ModeloptStateManager.is_converted(model)
 
 
-def _cpu_redirects() -> None:
-    """ModelOpt's Megatron plugin hard-codes one CUDA call (see compat/cpu.py); patch it on CPU
-    before quantizers bind it."""
-    import modelopt.torch.quantization  # noqa: F401 - loads the Megatron plugin to be patched
+def _prepare_modelopt() -> None:
+    """Before ModelOpt converts or restores a model: patch the one CUDA call its Megatron plugin
+    hard-codes (on CPU, see compat/cpu.py), and teach it the ``local`` backend's replicated MLA
+    down projections (compat/mla.py).
+
+    ModelOpt quantizes an ``nn.Linear`` subclass only if it keeps ``nn.Linear.forward``; Megatron's
+    replicated ``Linear`` returns ``(output, bias)``, so it is registered explicitly, as a Megatron
+    parallel linear (quantizer amax saved in the distributed checkpoint, nothing sharded) whose
+    quantizers wrap the ``F.linear`` call inside its forward.
+    """
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.plugins.megatron import _MegatronParallelLinear
 
     from joyai_megatron.compat import apply_cpu_redirects
+    from joyai_megatron.compat.mla import ReplicatedLinear
 
     apply_cpu_redirects()
+    if ReplicatedLinear in mtq.QuantModuleRegistry:
+        return
+
+    class _QuantReplicatedLinear(_MegatronParallelLinear):
+        _functionals_to_replace = [(torch.nn.functional, "linear")]
+
+        def _get_shard_axis_dict(self, state_dict: dict) -> dict:
+            return {}  # replicated over TP: every amax is the whole module's
+
+    mtq.QuantModuleRegistry.register({ReplicatedLinear: "joyai_ReplicatedLinear"})(_QuantReplicatedLinear)
 
 
 def insert_quantizers(model: torch.nn.Module, config: dict[str, Any]) -> None:
@@ -67,7 +86,7 @@ def insert_quantizers(model: torch.nn.Module, config: dict[str, Any]) -> None:
     """
     import modelopt.torch.quantization as mtq
 
-    _cpu_redirects()
+    _prepare_modelopt()
     mtq.quantize(model, {**config, "algorithm": None}, forward_loop=None)
     if not enabled_quantizers(model, "weight"):
         raise RuntimeError(
@@ -124,7 +143,7 @@ def restore_state(model: torch.nn.Module, iteration_dir: str | Path) -> None:
 
     if not has_modelopt_state(iteration_dir):
         raise FileNotFoundError(f"{iteration_dir}: no {MODELOPT_STATE_DIR}/ (not a QAT/PTQ checkpoint)")
-    _cpu_redirects()
+    _prepare_modelopt()
     chunks = [model]
     restore_sharded_modelopt_state(chunks, str(iteration_dir))
     if chunks[0] is not model:

@@ -132,3 +132,26 @@ def test_nothing_is_applied_on_a_cuda_machine_unless_forced() -> None:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_local_mla_down_projections_are_replicated(single_process) -> None:
+    """Without TE, Megatron-Core would build MLA's down projections column-parallel, whose backward
+    drops the other TP ranks' heads from the shared rotary key's gradient (compat/mla.py).  The
+    local spec builds them replicated, weight marked for the TP all-reduce, initialised by the
+    config's init_method (std 0.02), in the decoder and in the dense MTP layer."""
+    from megatron.core.transformer import multi_latent_attention
+
+    from joyai_megatron.compat.mla import ReplicatedLinear
+    from joyai_megatron.convert.megatron_model import build_megatron_model, init_single_process
+    from joyai_megatron.model.presets import get_preset
+
+    init_single_process()
+    model = build_megatron_model(get_preset("tiny"), mtp=True)
+    down = [(n, m) for n, m in model.named_modules() if n.endswith(("linear_q_down_proj", "linear_kv_down_proj"))]
+    assert len(down) == 2 * (get_preset("tiny").num_layers + 1)  # 3 decoder layers + the MTP layer
+    assert multi_latent_attention.Linear is ReplicatedLinear
+    for name, module in down:
+        assert type(module) is ReplicatedLinear, name
+        assert module.weight.sequence_parallel is model.config.sequence_parallel, name
+        assert not getattr(module.weight, "tensor_model_parallel", False), name
+        assert abs(float(module.weight.std()) - 0.02) < 0.004, (name, float(module.weight.std()))

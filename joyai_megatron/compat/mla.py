@@ -1,0 +1,64 @@
+"""MLA's down projections as replicated linears when Transformer Engine is absent.
+
+With TE, Megatron-Core builds ``linear_q_down_proj``/``linear_kv_down_proj`` as ``TELinear``
+(``parallel_mode="duplicated"``): every TP rank holds the whole matrix and, under sequence
+parallelism, applies it to its own slice of the sequence; the shared rotary key ``k_pos_emb`` is
+then all-gathered over the sequence, whose backward reduce-scatter sums the key gradients of
+every rank's heads.
+
+Without TE, Megatron-Core 0.19.2 has no replicated linear in scope and falls back to
+``ColumnParallelLinear`` (``megatron/core/transformer/multi_latent_attention.py``, the
+``HAVE_TE`` else-branch sets ``Linear = None``; ``_qkv_down_projection`` and
+``get_query_key_value_tensors`` then take the ``gather_from_tensor_model_parallel_region``
+path).  That path's backward only *splits* the gradient of ``kv_combined``: each rank keeps the
+``k_pos_emb`` gradient of its own heads and the other ranks' contributions are lost, so under
+TP > 1 the ``kv_down_proj`` gradient (and everything below it) is wrong.  Measured on the tiny
+model at TP=2+SP vs one process: per-parameter gradients 5e-4 relative apart from fresh weights,
+5-15% apart from trained ones.
+
+The fix points the module's ``Linear`` name at Megatron-Core's own replicated linear
+(``megatron.core.post_training.modelopt.layers.Linear``, here with TE's initialisation; it marks its weight
+``sequence_parallel`` so ``finalize_model_grads`` all-reduces it over TP) and the local spec
+uses it for both down projections, giving the TE code path.  Checkpoints are unchanged: the
+weight is the same global tensor, replicated instead of split along TP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core.post_training.modelopt.layers import Linear
+from megatron.core.transformer import multi_latent_attention
+
+
+class ReplicatedLinear(Linear):
+    """Megatron-Core's replicated ``Linear``, initialised with the config's ``init_method`` like
+    ``TELinear`` (the parent keeps ``torch.nn.Linear``'s Kaiming default, 3.6x wider at hidden 64)."""
+
+    def __init__(self, input_size: int, output_size: int, *, config: Any, init_method: Any, **kwargs: Any) -> None:
+        super().__init__(input_size, output_size, config=config, init_method=init_method, **kwargs)
+        if config.perform_initialization:
+            with torch.no_grad():
+                init_method(self.weight)
+
+    # As Megatron's parallel linears do: a class-level extra state puts ``_extra_state`` in the
+    # state dict, the slot where ModelOpt stores each quantized module's quantizer metadata.
+    def get_extra_state(self) -> None:
+        """No state of its own (ModelOpt replaces this per module once it quantizes it)."""
+        return None
+
+    def set_extra_state(self, state: Any) -> None:
+        """Nothing to restore (see ``get_extra_state``)."""
+
+
+def replicated_down_projection() -> type:
+    """The class the ``local`` MLA spec uses for both down projections (installs it if needed).
+
+    Covers ``multi_latent_attention.py``: ``Linear = None`` when TE is missing, which makes the
+    ``submodules.linear_q_down_proj in [Linear, TEColumnParallelLinear, ColumnParallelLinear]``
+    check reject any replicated linear.
+    """
+    if multi_latent_attention.Linear is None:
+        multi_latent_attention.Linear = ReplicatedLinear
+    return multi_latent_attention.Linear
