@@ -89,7 +89,10 @@ class OptimCfg:
     muon_scale_mode: str = "spectral"
     muon_extra_scale_factor: float = 0.2
     muon_split_qkv: bool = True
-    muon_tp_mode: str = "blockwise"
+    # "duplicated" (Megatron-Core's default): all-gather a TP-sharded matrix and orthogonalise it
+    # whole, so the update equals the unsharded one; "blockwise" orthogonalises each shard alone
+    # (no all-gather, but a different optimizer per TP size); "distributed": sharded Newton-Schulz.
+    muon_tp_mode: str = "duplicated"
 
 
 @dataclass
