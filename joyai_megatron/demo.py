@@ -89,11 +89,27 @@ def summarize() -> list[str]:
     if Path(SFT_EVAL).exists():
         scored = [json.loads(x)["correct"] for x in Path(SFT_EVAL).read_text().splitlines() if x.strip()]
         lines.append(f"SFT exact match {sum(scored) / len(scored):.0%} on {len(scored)} held-out conversations")
-    for name in ("sft", "dpo", "rl", "qat"):
+    tracked = {
+        "sft": ("loss",),
+        "dpo": ("loss", "rewards/accuracies"),
+        "rl": ("stage/reward", "stage/eval/reward", "stage/eval/pass@1"),
+        "qat": ("lm_loss",),
+    }
+    for name, keys in tracked.items():
         rows = _metrics(f"runs/demo/{name}/logs")
-        if rows:
-            keys = [k for k in ("loss", "rewards/accuracies", "stage/reward_mean", "stage/rewards/accuracies") if k in rows[-1]]
-            lines.append(f"{name}: " + ", ".join(f"{k} {rows[0].get(k, float('nan')):.3f} -> {rows[-1][k]:.3f}" for k in keys))
+        found = []
+        for key in keys:
+            values = [m[key] for m in rows if key in m]
+            if values:
+                found.append(f"{key} {values[0]:.3f} -> {values[-1]:.3f}")
+        if found:
+            lines.append(f"{name}: " + ", ".join(found))
+    compare = Path("runs/demo/qat/logs/qat_compare.json")
+    if compare.exists():
+        c = json.loads(compare.read_text())
+        lines.append(
+            f"qat: validation loss unquantized {c['unquantized']:.4f}, INT4 PTQ {c['ptq']:.4f}, INT4 QAT {c['qat']:.4f}"
+        )
     return lines
 
 
