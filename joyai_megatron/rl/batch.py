@@ -150,6 +150,9 @@ def micro_batches(
     """``num_microbatches`` batches of ``micro_batch_size`` rows; rows beyond the data are padding
     (loss mask 0), so every data-parallel rank runs the same number of micro-batches."""
     capacity = num_microbatches * micro_batch_size
+    # With rollout routing (R3) every micro-batch carries a routing tensor, an all-padding one
+    # included (all UNSET: its routers spread the filler tokens round-robin, as padding elsewhere).
+    route_shape = next((tuple(t.routed_experts.shape[1:]) for t in trajectories if t.routed_experts is not None), None)
     if len(trajectories) > capacity:
         raise ValueError(f"{len(trajectories)} trajectories exceed the mini-batch capacity {capacity}")
     slots: list[Trajectory | None] = list(trajectories) + [None] * (capacity - len(trajectories))
@@ -162,15 +165,14 @@ def micro_batches(
         batch["group_ids"] = torch.tensor([t.group if t else -1 - i for i, t in enumerate(rows)])
         batch["domain_ids"] = torch.tensor([t.domain if t else -1 for t in rows])
         batch["mb_index"] = torch.tensor(first_index + k)
-        if any(t is not None and t.routed_experts is not None for t in rows):
-            batch["routed_experts"] = _routes(rows, seq_length)
+        if route_shape is not None:
+            batch["routed_experts"] = _routes(rows, seq_length, route_shape)
         out.append(batch)
     return out
 
 
-def _routes(rows: list[Trajectory | None], seq_length: int) -> torch.Tensor:
+def _routes(rows: list[Trajectory | None], seq_length: int, shape: tuple[int, ...]) -> torch.Tensor:
     """The rows' engine routing in packed order; -1 (UNSET) where the engine routed nothing."""
-    shape = next(t.routed_experts.shape[1:] for t in rows if t is not None and t.routed_experts is not None)
     out = torch.full((len(rows) * seq_length, *shape), -1, dtype=torch.int16)
     for i, traj in enumerate(rows):
         if traj is None:
