@@ -52,3 +52,20 @@ def sft_run(stages_root: Path, demo_data: Path, pretrain_run: Run) -> Run:
     return run_stage(
         "sft", SFT_RECIPE, stages_root / "sft", sft_overrides(demo_data, pretrain_run.checkpoint_dir)
     )
+
+
+@pytest.fixture(scope="module")
+def rl_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny RL task's tokenizer and prompts (test_rl.py, test_rl_replay.py)."""
+    from rl_fixtures import rl_test_data
+
+    return rl_test_data(tmp_path_factory.mktemp("rl_data"))
+
+
+@pytest.fixture
+def shutdown():
+    """Tear down the process group a test's in-process stage started."""
+    yield
+    from joyai_megatron.training.distributed import shutdown as close
+
+    close()

@@ -8,26 +8,12 @@ Unit tests drive tiny Megatron models (and the local HF engine) through the stag
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from rl_fixtures import rl_test_data, train_rl, write_rl_recipe
+from rl_fixtures import train_rl, write_rl_recipe
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def rl_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return rl_test_data(tmp_path_factory.mktemp("rl_data"))
-
-
-@pytest.fixture
-def shutdown():
-    yield
-    from joyai_megatron.training.distributed import shutdown as close
-
-    close()
 
 
 def _tiny_moe(recompute: str):
