@@ -48,6 +48,7 @@ DRY_RUN = {
     "dtype": "fp32",  # Megatron's bf16 optimizer asserts CUDA tensors
     "seq_length": 128,
     "global_batch": 2,
+    "micro_batch": 1,
     "steps": 2,
     "warmup": 1,
     "matmul_size": 256,
@@ -63,8 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="joyai_proxy_1gpu")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--seq-length", type=int, default=4096)
-    p.add_argument("--micro-batch", type=int, default=1)
-    p.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=2)
+    # 36 x 4096 tokens: one GPU's share of JoyAI's ~38M-token batch on 256 GPUs.
+    p.add_argument("--global-batch", type=int, default=36, help="sequences per optimizer step")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from joyai_megatron.compat.rope import use_sync_free_thd_rope
+from joyai_megatron.model.dispatch import use_sync_free_dispatch
 from joyai_megatron.model.presets import ModelArch
 from joyai_megatron.model.spec import decoder_block_spec, mtp_block_spec
 
@@ -23,9 +25,13 @@ def build_joyai_model(
     """One pipeline chunk of the model: Megatron-Core's GPTModel on our layer and MTP specs.
 
     Embeddings stay untied (JoyAI has a separate LM head); MLA applies its own rotary embedding,
-    so the GPTModel-level one is unused.
+    so the GPTModel-level one is unused.  MoE layers whose experts are all local dispatch without
+    host syncs (:mod:`joyai_megatron.model.dispatch`), and packed sequences take their rotary
+    embedding without them (:mod:`joyai_megatron.compat.rope`) where TE's fused RoPE is off.
     """
-    return GPTModel(
+    if not config.apply_rope_fusion:
+        use_sync_free_thd_rope()
+    model = GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, backend, vp_stage=vp_stage, pp_rank=pp_rank),
         vocab_size=arch.vocab_size,
@@ -39,3 +45,5 @@ def build_joyai_model(
         vp_stage=vp_stage,
         pg_collection=None,
     )
+    use_sync_free_dispatch(model)
+    return model

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
+from joyai_megatron.compat.grad_accum import use_torch_wgrad_accumulation
 from joyai_megatron.config.schema import ModelCfg, ParallelCfg, PrecisionCfg
 from joyai_megatron.model.presets import ModelArch
 
@@ -110,7 +111,8 @@ def build_transformer_config(
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        gradient_accumulation_fusion=te and on_gpu,
+        # Weight gradients accumulate straight into DDP's fp32 main_grad (Apex, or compat/grad_accum.py).
+        gradient_accumulation_fusion=on_gpu and use_torch_wgrad_accumulation(),
         cross_entropy_loss_fusion=on_gpu,
         bias_dropout_fusion=False,
         # Recompute.

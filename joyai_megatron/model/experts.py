@@ -12,6 +12,8 @@ GEMM instead).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
@@ -34,6 +36,38 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """``y[rows of g] = x[rows of g] @ W_g^T`` for all experts g in two grouped GEMMs.
+
+    The weight gradient is one grouped GEMM over all experts; under Megatron's DDP (parameters
+    with ``main_grad``) it is added to the fp32 main-grad buffers in one multi-tensor add and the
+    parameters are marked ``grad_added_to_main_grad``, as Megatron's fused-wgrad linears do, instead
+    of DDP's hook adding each expert's bf16 gradient separately (2 x experts kernels per layer per
+    micro-batch).  Without ``main_grad`` the per-expert gradients are returned as autograd's.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, offs: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        w = torch.stack([wt.detach() for wt in weights])  # [E, out, in]
+        ctx.save_for_backward(x, offs, w)
+        ctx.weights = weights
+        return _GROUPED_MM(x, w.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, offs, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = _GROUPED_MM(grad, w, offs=offs) if ctx.needs_input_grad[0] else None
+        grad_w = _GROUPED_MM(grad.t(), x, offs=offs).unbind(0)  # E x [out, in]
+        weights = ctx.weights
+        if all(getattr(wt, "main_grad", None) is not None for wt in weights):
+            torch._foreach_add_([wt.main_grad for wt in weights], list(grad_w))
+            for wt in weights:
+                wt.grad_added_to_main_grad = True
+        # With main_grad the returned gradients are DDP's hook's placeholders (it skips the add).
+        return grad_x, None, *grad_w
 
 
 class GroupedMMExperts(SequentialMLP):
@@ -70,13 +104,13 @@ class GroupedMMExperts(SequentialMLP):
         offs = torch.cumsum(
             tokens_per_expert.to(device=x.device, dtype=torch.int32), dim=0, dtype=torch.int32
         )
-        w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2F or F, H]
-        w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, F]
-        h = _GROUPED_MM(x.to(w1.dtype), w1.transpose(1, 2), offs=offs)
+        w1 = [e.linear_fc1.weight for e in self.local_experts]  # E x [2F or F, H]
+        w2 = [e.linear_fc2.weight for e in self.local_experts]  # E x [H, F]
+        h = _GroupedLinear.apply(x.to(w1[0].dtype), offs, *w1)
         h = self._activation(h)
         # As MLP.forward does for experts: scale by the routing probability in its (fp32) dtype.
-        h = (h * permuted_probs.unsqueeze(-1)).to(w2.dtype)
-        out = _GROUPED_MM(h, w2.transpose(1, 2), offs=offs)
+        h = (h * permuted_probs.unsqueeze(-1)).to(w2[0].dtype)
+        out = _GroupedLinear.apply(h, offs, *w2)
         return _ContiguousGrad.apply(out.to(x.dtype)), None
 
     def _activation(self, h: torch.Tensor) -> torch.Tensor:

@@ -60,14 +60,22 @@ class BatchedMuon(mcore_eo.TensorParallelMuon):
         if p.ndim != 2 or (self.split_qkv and self.is_qkv_fn(p)):
             return False
         partition_dim = getattr(p, "partition_dim", None)
-        if self.tp_mode != "blockwise" and partition_dim not in (None, -1):
-            return False
+        if self.tp_mode != "blockwise" and partition_dim not in (None, -1) and self._tp_size(p) > 1:
+            return False  # the full matrix spans TP ranks: the parent gathers it
         if self.pg_collection is not None and getattr(p, "is_gtp_weight_remat", False):
             name = "expt_gtp_remat" if getattr(p, "expert_tp", False) else "gtp_remat"
             group = getattr(self.pg_collection, name, None)
             if group is not None and get_pg_size(group) > 1:
                 return False
         return True
+
+    def _tp_size(self, p: torch.Tensor) -> int:
+        """Size of the TP group ``orthogonalize`` would use for ``p`` (TP-parallel linears carry a
+        ``partition_dim`` at every TP size; with one rank their local matrix is the whole one)."""
+        if not self.pg_collection:
+            return 2  # unknown group: leave the parameter to the parent
+        group = self.pg_collection.expt_tp if getattr(p, "expert_tp", False) else self.pg_collection.tp
+        return get_pg_size(group)
 
     def _momentum(self, p: torch.Tensor, group: dict) -> torch.Tensor:
         """Weight decay, momentum EMA and Nesterov look-ahead, as the parent step does them."""

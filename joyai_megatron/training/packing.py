@@ -23,16 +23,24 @@ class PackedBatch:
     packed_seq_params: PackedSeqParams
 
     def to(self, device: torch.device) -> PackedBatch:
+        """Copy to ``device``; to a GPU from pinned memory without blocking the host (a pageable
+        copy waits for the GPU queue to drain: one sync per tensor per micro-batch)."""
         params = self.packed_seq_params
         for name in ("cu_seqlens_q", "cu_seqlens_kv"):
-            setattr(params, name, getattr(params, name).to(device))
+            setattr(params, name, _to(getattr(params, name), device))
         return PackedBatch(
-            self.tokens.to(device),
-            self.labels.to(device),
-            self.loss_mask.to(device),
-            self.position_ids.to(device),
+            _to(self.tokens, device),
+            _to(self.labels, device),
+            _to(self.loss_mask, device),
+            _to(self.position_ids, device),
             params,
         )
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if torch.device(device).type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def cu_seqlens_from_positions(position_ids: torch.Tensor) -> torch.Tensor:

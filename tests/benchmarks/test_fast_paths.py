@@ -241,3 +241,165 @@ def test_foreach_multi_tensor_ops_match_their_definitions() -> None:
         torch.testing.assert_close(lo, t.bfloat16())
     apply_multi_tensor_fallbacks()  # this environment has neither TE nor Apex
     assert clip_grads.l2_norm_impl is foreach_l2_norm and clip_grads.multi_tensor_scale_impl is foreach_scale
+
+
+def _forward_backward(model: torch.nn.Module, packed) -> torch.Tensor:
+    out = model(
+        packed.tokens,
+        packed.position_ids,
+        None,
+        labels=packed.labels,
+        loss_mask=packed.loss_mask,
+        packed_seq_params=packed.packed_seq_params,
+    )
+    loss = out.sum()
+    loss.backward()
+    return loss.detach()
+
+
+def test_sync_free_dispatch_is_bitwise_the_upstream_dispatcher(one_rank) -> None:
+    """The tiny model (packed documents, grouped and per-expert experts) gives bitwise the same
+    loss and gradients with the sync-free dispatcher as with Megatron's all-gather dispatcher."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+
+    from joyai_megatron.model.dispatch import LocalAllGatherDispatcher, sync_free_applies
+    from joyai_megatron.training.packing import pack_batch
+
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(2, 8192, (2, 32), generator=gen)
+    positions = torch.cat([torch.arange(20), torch.arange(12)]).repeat(2, 1)
+    packed = pack_batch(tokens, tokens.roll(-1, dims=1), torch.ones(2, 32), positions)
+    for grouped in (True, False):
+        ours = build_tiny(grouped=grouped)
+        dispatchers = [m.token_dispatcher for m in ours.modules() if hasattr(m, "token_dispatcher")]
+        assert len(dispatchers) == 2 and all(type(d) is LocalAllGatherDispatcher for d in dispatchers)
+        upstream = build_tiny(grouped=grouped)
+        for d in (m.token_dispatcher for m in upstream.modules() if hasattr(m, "token_dispatcher")):
+            d.__class__ = MoEAllGatherTokenDispatcher
+        upstream.load_state_dict(ours.state_dict())
+        assert _forward_backward(ours, packed).item() == _forward_backward(upstream, packed).item()
+        grads = dict(upstream.named_parameters())
+        for name, p in ours.named_parameters():
+            assert torch.equal(p.grad, grads[name].grad), name
+    # token dropping makes the permuted length data-dependent: the upstream class stays
+    d = dispatchers[0]
+    d.__class__ = MoEAllGatherTokenDispatcher
+    assert sync_free_applies(d)
+    d.config.moe_expert_capacity_factor = 1.0
+    assert not sync_free_applies(d)
+    d.config.moe_expert_capacity_factor = None
+
+
+@pytest.mark.parametrize("lengths", [[10, 22, 16], [48], [16, 16, 16]])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_sync_free_thd_rope_equals_upstream(lengths: list[int], interleaved: bool) -> None:
+    """Per segment (freqs of the longest segment) and whole-batch (freqs of every packed position)
+    layouts, values and input gradients, against Megatron's per-segment loop."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from joyai_megatron.compat.rope import _UPSTREAM, apply_rotary_pos_emb_thd, use_sync_free_thd_rope
+
+    class OneRank:
+        def size(self) -> int:
+            return 1
+
+        def rank(self) -> int:
+            return 0
+
+    use_sync_free_thd_rope()
+    assert rope_utils._apply_rotary_pos_emb_thd is apply_rotary_pos_emb_thd
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total = sum(lengths)
+    gen = torch.Generator().manual_seed(total)
+    for max_s in (max(lengths), total):
+        freqs = torch.randn(max_s, 1, 1, 16, generator=gen)
+        t = torch.randn(total, 4, 16, generator=gen, requires_grad=True)
+        kwargs = dict(mla_rotary_interleaved=interleaved, mscale=1.3, cp_group=OneRank())
+        ours = apply_rotary_pos_emb_thd(t, cu, freqs, **kwargs)
+        (g_ours,) = torch.autograd.grad(ours.square().sum(), t)
+        ref = _UPSTREAM(t, cu, freqs, **kwargs)
+        (g_ref,) = torch.autograd.grad(ref.square().sum(), t)
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_wgrad_accumulation_is_apex_s_contract() -> None:
+    """``main_grad += grad_output^T @ input`` in place (what Megatron calls Apex for), and nothing
+    is installed without CUDA."""
+    from megatron.core.tensor_parallel import layers
+
+    from joyai_megatron.compat.grad_accum import (
+        use_torch_wgrad_accumulation,
+        wgrad_gemm_accum_fp16,
+        wgrad_gemm_accum_fp32,
+    )
+
+    gen = torch.Generator().manual_seed(6)
+    x, dy = torch.randn(32, 24, generator=gen), torch.randn(32, 40, generator=gen)
+    main_grad = torch.randn(40, 24, generator=gen)
+    expected = main_grad.double() + dy.double().T @ x.double()
+    buffer = main_grad.data_ptr()
+    wgrad_gemm_accum_fp32(x, dy, main_grad)
+    assert main_grad.data_ptr() == buffer
+    torch.testing.assert_close(main_grad.double(), expected, rtol=1e-5, atol=1e-5)
+    half = torch.zeros(40, 24, dtype=torch.bfloat16)
+    wgrad_gemm_accum_fp16(x.bfloat16(), dy.bfloat16(), half)
+    torch.testing.assert_close(half.double(), dy.double().T @ x.double(), rtol=2e-2, atol=0.3)
+    if not torch.cuda.is_available():
+        assert use_torch_wgrad_accumulation() is layers._grad_accum_fusion_available is False
+        assert tiny_config().gradient_accumulation_fusion is False
+
+
+def test_trainer_batches_every_muon_matrix_at_one_tp_rank(one_rank) -> None:
+    """With ``muon_tp_mode=duplicated`` (the default) and one TP rank, every 2-D Muon parameter
+    (TP-parallel linears carry a partition_dim even then) takes the batched Newton-Schulz."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from joyai_megatron.config.schema import OptimCfg
+    from joyai_megatron.optim.builder import build_optimizer
+    from joyai_megatron.optim.muon import BatchedMuon
+
+    recipe_optim = OptimCfg(optimizer="muon")
+    assert recipe_optim.muon_tp_mode == "duplicated"
+
+    model = build_tiny(grouped=True)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    optimizer = build_optimizer(recipe_optim, ParallelCfg(), PrecisionCfg(), [ddp])
+    leaves = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    muon = [o.optimizer for o in leaves if isinstance(o.optimizer, BatchedMuon)]
+    assert len(muon) == 1
+    params = [p for g in muon[0].param_groups for p in g["params"]]
+    partitioned = [p for p in params if getattr(p, "partition_dim", None) not in (None, -1)]
+    assert partitioned, "expected TP-parallel linears among the Muon parameters"
+    assert all(muon[0]._batchable(p) for p in params)
+
+
+def test_grouped_experts_accumulate_into_ddp_main_grads(one_rank) -> None:
+    """Under Megatron's DDP the grouped experts add their weight gradients to ``main_grad``
+    themselves (once per micro-batch, flagged so DDP's hook skips them): after two micro-batches
+    every main_grad equals the per-expert ``SequentialMLP`` model's, accumulated by DDP's hooks."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from joyai_megatron.training.packing import pack_batch
+
+    sequential, grouped = build_tiny(grouped=False), build_tiny(grouped=True)
+    grouped.load_state_dict(sequential.state_dict())
+    gen = torch.Generator().manual_seed(7)
+    batches = []
+    for _ in range(2):
+        tokens = torch.randint(2, 8192, (2, 32), generator=gen)
+        positions = torch.arange(32).repeat(2, 1)
+        batches.append(pack_batch(tokens, tokens.roll(-1, dims=1), torch.ones(2, 32), positions))
+    wrapped = []
+    for model in (sequential, grouped):
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        ddp.zero_grad_buffer()
+        for packed in batches:
+            _forward_backward(ddp, packed)
+        wrapped.append(ddp)
+    experts = [p for n, p in grouped.named_parameters() if ".experts.local_experts." in n]
+    assert experts and all(p.grad_added_to_main_grad and p.grad is None for p in experts)
+    main = {n: p.main_grad for n, p in grouped.named_parameters()}
+    for name, p in sequential.named_parameters():
+        assert p.main_grad.abs().sum() > 0 or "experts.local_experts" in name, name
+        torch.testing.assert_close(main[name], p.main_grad, rtol=1e-5, atol=1e-6, msg=name)
