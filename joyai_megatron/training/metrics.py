@@ -35,6 +35,23 @@ def format_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
+# Averaged over the steps since the previous log line (as Megatron logs them): one step's loss is
+# one global batch's, which at small batches swings by more than a whole interval's progress.
+AVERAGED_KEYS = ("loss", "lm_loss", "mtp_loss")
+
+
+def interval_means(window: list[dict[str, float]]) -> dict[str, float]:
+    """The last step's values, with each of ``AVERAGED_KEYS`` replaced by its mean over ``window``
+    (the steps since the previous line) and ``interval_steps`` saying how many steps that was."""
+    values = dict(window[-1])
+    for key in AVERAGED_KEYS:
+        seen = [w[key] for w in window if key in w]
+        if seen:
+            values[key] = sum(seen) / len(seen)
+    values["interval_steps"] = float(len(window))
+    return values
+
+
 class MetricsLogger:
     """Rank-0 logger: one line per ``logging.interval`` steps plus TensorBoard/wandb scalars."""
 

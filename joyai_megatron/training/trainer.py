@@ -48,7 +48,7 @@ from joyai_megatron.optim.schedule import build_scheduler, tokens_to_samples
 from joyai_megatron.stages.base import Stage
 from joyai_megatron.training import checkpoint as ckpt
 from joyai_megatron.training.distributed import init_distributed, init_model_parallel, read_dist_env, set_seed
-from joyai_megatron.training.metrics import MetricsLogger
+from joyai_megatron.training.metrics import MetricsLogger, interval_means
 from joyai_megatron.training.signals import ExitSignalHandler
 
 
@@ -390,12 +390,15 @@ class Trainer:
         start_time = time.time()
         saved_at = None
         exit_reason = "finished"
+        window: list[dict[str, float]] = []  # steps since the last log line
         while self.state.iteration < self.total_iters:
             values = self.train_step()
             step = self.state.iteration
             self.history.append({"step": step, **values})
+            window.append(values)
             if step == 1 or step % max(r.logging.interval, 1) == 0 or step == self.total_iters:
-                self.logger.log(step, self.total_iters, values)
+                self.logger.log(step, self.total_iters, interval_means(window))
+                window = []
             if r.train.eval_interval and step % r.train.eval_interval == 0:
                 evals = self.evaluate()
                 self.history[-1].update(evals)
