@@ -103,8 +103,8 @@ class MetricsLogger:
         if self.peak:
             values["mfu"] = tflops_per_gpu / self.peak
         steps_left = max(total_steps - step, 0)
-        interval = max(self.recipe.logging.interval, 1)
-        eta = format_eta(steps_left * elapsed / interval)
+        steps = values.get("interval_steps") or max(self.recipe.logging.interval, 1)
+        eta = format_eta(steps_left * elapsed / steps)
         if not self.is_writer:
             return None
         parts = [f"step {step}/{total_steps}"]
