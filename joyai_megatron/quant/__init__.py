@@ -6,7 +6,10 @@
   quantizers of Megatron-Core model chunks.
 * :mod:`~joyai_megatron.quant.trainer`: the trainer subclass the ``qat`` stage runs on.
 * :mod:`~joyai_megatron.quant.export`: ``python -m joyai_megatron.quant.export`` (ModelOpt unified
-  HF checkpoint, or a dequantized BF16 one) straight from a QAT ``torch_dist`` checkpoint.
+  HF checkpoint, compressed-tensors INT4 for vLLM/SGLang, or a dequantized BF16 one) straight from a
+  QAT ``torch_dist`` checkpoint.
+* :mod:`~joyai_megatron.quant.compressed`: the compressed-tensors ``pack-quantized`` tensors and
+  config, through the ``compressed-tensors`` package, with the QAT quantizer's integers and scales.
 * :mod:`~joyai_megatron.quant.reload`: read an export back without ModelOpt (INT4/FP8 dequantized)
   and compare its logits in transformers with the fake-quantized checkpoint.
 * :mod:`~joyai_megatron.quant.compare`: ``python -m joyai_megatron.quant.compare`` (eval loss of

@@ -1,4 +1,4 @@
-"""QAT checkpoint -> Hugging Face DeepseekV3 directory: ModelOpt unified (packed) or dequantized.
+"""QAT checkpoint -> Hugging Face DeepseekV3 directory: ModelOpt unified, compressed-tensors or dequantized.
 
 ``python -m joyai_megatron.quant.export --checkpoint <qat ckpt> --output <dir> [--format ...]``
 
@@ -11,6 +11,15 @@
   ``quantization_config`` (``quant_method: modelopt``), both built with ModelOpt's own helpers.
   Everything else (embeddings, norms, routers, LM head, by default the MTP block) is written in
   ``--dtype``.
+* ``--format compressed-tensors`` (INT4 W4A16 recipes only; others are refused before the model is
+  built): the format vLLM and SGLang load INT4 models in (they do not read ModelOpt's INT4
+  ``W4A16_AWQ``, which is TensorRT-LLM's).  Each quantized linear ``X`` becomes ``X.weight_packed``
+  (int32 [out, in/8], eight values per word along the input dim), ``X.weight_scale`` ([out, in/block]
+  in ``--dtype``) and ``X.weight_shape``; ``config.json`` gets a ``quant_method: compressed-tensors``
+  ``pack-quantized`` config whose ``ignore`` lists the high-precision linears.  Integers and scales
+  are the quantizer's own (:mod:`joyai_megatron.quant.compressed` says how and why); packing and
+  config go through the ``compressed-tensors`` package.  Other tensors are written exactly as for
+  ``--format quantized``.
 * ``--format dequantized``: the same architecture with every quantized weight replaced by its
   fake-quantized value Q(W) in ``--dtype``: a plain checkpoint that any DeepseekV3 loader reads
   and that computes what the INT4 model computes (activation quantization of W4AFP8/FP8 aside).
@@ -52,9 +61,12 @@ from joyai_megatron.convert.hf_io import PlannedTensor, write_hf_shards
 from joyai_megatron.convert.mapping import MappingTable, TensorMap, mapping_table, megatron_to_hf
 from joyai_megatron.convert.to_hf import KEEP_FP32, arch_from_recipe, load_checkpoint_recipe
 from joyai_megatron.model.presets import ModelArch
+from joyai_megatron.quant import compressed
 from joyai_megatron.quant import modelopt_state as mos
 
-FORMATS = ("quantized", "dequantized")
+FORMATS = ("quantized", "dequantized", "compressed-tensors")
+# Formats that store packed integers and scales (the others write plain tensors only).
+PACKED_FORMATS = ("quantized", "compressed-tensors")
 HF_QUANT_CONFIG = "hf_quant_config.json"
 
 
@@ -220,6 +232,35 @@ def _quantized_row(row: TensorMap, module: torch.nn.Module, q: LinearQuant) -> l
     return planned
 
 
+def _compressed_row(
+    row: TensorMap, module: torch.nn.Module, q: LinearQuant, dtype: torch.dtype
+) -> list[PlannedTensor]:
+    """compressed-tensors ``weight_packed``/``weight_scale``/``weight_shape`` of each HF part of one
+    quantized linear; the integers come from the module's own fake-quantized weight."""
+    if q.fmt != compressed.MODELOPT_FORMAT:
+        raise ConversionError(
+            f"{row.megatron}: ModelOpt format {q.fmt!r}; compressed-tensors export stores {compressed.MODELOPT_FORMAT}"
+        )
+    if row.copies:
+        raise ConversionError(f"{row.megatron} is quantized but is also written as {row.copies}")
+    cols = module.weight.shape[1]
+    planned = []
+    for hf_name, rows in zip(row.hf, _part_rows(row), strict=True):
+        prefix = hf_name[: -len("weight")]
+        shape = compressed.packed_shape(rows.stop - rows.start, cols)
+        planned.append(
+            PlannedTensor(prefix + "weight_packed", shape, torch.int32, _bind(_pack_part, module, q, rows))
+        )
+        planned.append(_constant(prefix + "weight_scale", q.weight_scale[rows].to(dtype)))
+        planned.append(_constant(prefix + "weight_shape", torch.tensor([rows.stop - rows.start, cols])))
+    return planned
+
+
+def _pack_part(module: torch.nn.Module, q: LinearQuant, rows: slice) -> torch.Tensor:
+    # Q(W) of the whole weight: a stored amax covers all rows, so the quantizer cannot take a slice.
+    return compressed.pack(_fake_quantized(module)[rows], q.weight_scale[rows], q.block)["weight_packed"]
+
+
 def _bind(fn: Callable, *args: Any) -> Callable[[], torch.Tensor]:
     return lambda: fn(*args)
 
@@ -266,9 +307,12 @@ def plan_qat_export(
         name, tensor = by_megatron[row.megatron]
         module_name, _, leaf = name.rpartition(".")
         module = quantized.get(module_name) if leaf == "weight" else None
-        if module is not None and fmt == "quantized":
+        if module is not None and fmt in PACKED_FORMATS:
             q = LinearQuant.of(module)
-            planned += _quantized_row(row, module, q)
+            if fmt == "quantized":
+                planned += _quantized_row(row, module, q)
+            else:
+                planned += _compressed_row(row, module, q, dtype)
             for hf_name in row.hf:
                 layer_config[hf_name[: -len(".weight")] + ".quantization"] = q.fmt
                 layer_config[hf_name[: -len(".weight")] + ".awq_block_size"] = q.block
@@ -327,6 +371,8 @@ def export_qat_to_hf(
     if out_dtype is None:
         raise ConversionError("--dtype must name a dtype (bf16, fp16 or fp32) for a QAT export")
     start = time.perf_counter()
+    if fmt == "compressed-tensors":
+        compressed.check_qat_format(checkpoint_recipe(checkpoint).qat.format)
     loaded = load_qat_model(checkpoint, include_mtp=include_mtp)
     materialize_weight_amax(loaded.model)
     planned, layer_config = plan_qat_export(loaded, fmt, out_dtype)
@@ -341,19 +387,38 @@ def export_qat_to_hf(
         from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
 
         config["quantization_config"] = convert_hf_quant_config_format(quant_config)
+    ct_config = compressed.quantization_config(layer_config) if fmt == "compressed-tensors" else None
     with atomic_output_dir(output, overwrite) as tmp:
         write_hf_shards(tmp, planned, max_shard_bytes=max_shard_bytes, threads=threads)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if quant_config is not None:
             (tmp / HF_QUANT_CONFIG).write_text(json.dumps(quant_config, indent=2) + "\n")
+        if ct_config is not None:
+            compressed.write_quantization_config(tmp, ct_config)
         _write_tokenizer(loaded, tmp)
     return QATExportResult(
         output=Path(output).resolve(),
         tensors=len(planned),
         bytes=sum(t.nbytes for t in planned),
-        quant_algo=quant_config["quantization"]["quant_algo"] if quant_config else None,
+        quant_algo=_algo(quant_config, ct_config),
         seconds=time.perf_counter() - start,
     )
+
+
+def _algo(quant_config: dict[str, Any] | None, ct_config: Any) -> str | None:
+    """What the export announces: ModelOpt's ``quant_algo``, or the compressed-tensors format."""
+    if quant_config is not None:
+        return quant_config["quantization"]["quant_algo"]
+    if ct_config is not None:
+        return f"{ct_config.format}, int4 group {ct_config.config_groups['group_0'].weights.group_size}"
+    return None
+
+
+def checkpoint_recipe(checkpoint: str | os.PathLike) -> Recipe:
+    """The recipe saved beside a checkpoint, read without building anything."""
+    from joyai_megatron.convert.dist_ckpt import resolve_iteration_dir
+
+    return load_checkpoint_recipe(resolve_iteration_dir(checkpoint))
 
 
 def _write_tokenizer(loaded: QATModel, out: Path) -> None:

@@ -9,7 +9,9 @@ FP8 with ``weight_scale_2``; FP8 weights are ``weight.float() * weight_scale``.
 ``transformers.DeepseekV3ForCausalLM`` against the Megatron model fake-quantizing with the same
 quantizers, on random prompts in fp32 on CPU.  Activation quantization (W4AFP8, FP8) has no
 counterpart in transformers, so those formats are compared with the Megatron side's activation
-quantizers off: the check then covers exactly what the files store, the weights.
+quantizers off: the check then covers exactly what the files store, the weights.  A
+compressed-tensors export needs no unpacking here: transformers loads it as it is (its
+compressed-tensors integration dequantizes through the package), the same files vLLM and SGLang read.
 """
 
 from __future__ import annotations
@@ -111,6 +113,10 @@ def compare_logits(
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, loaded.arch.vocab_size, (batch, seq), generator=gen)
     meg, _ = megatron_logits(loaded.model.float(), ids)
+    if is_compressed_tensors(hf_dir):
+        # transformers reads compressed-tensors itself (unpacking through the package): load as is.
+        ref = DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()(ids).logits
+        return (meg - ref).abs().max().item()
     tmp = Path(tempfile.mkdtemp(prefix="qat_reload_"))
     try:
         hf_model = DeepseekV3ForCausalLM.from_pretrained(
@@ -120,3 +126,9 @@ def compare_logits(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return (meg - ref).abs().max().item()
+
+
+def is_compressed_tensors(hf_dir: str | os.PathLike) -> bool:
+    """Whether ``config.json`` declares a compressed-tensors checkpoint (``--format compressed-tensors``)."""
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    return config.get("quantization_config", {}).get("quant_method") == "compressed-tensors"

@@ -14,6 +14,7 @@ from qat_fixtures import memorization_overrides, write_memorization_corpus
 from stage_helpers import TINY_BASE, Run, run_stage
 
 from joyai_megatron.config.recipe import load_recipe
+from joyai_megatron.convert.common import ConversionError
 from joyai_megatron.quant.formats import QATConfigError, check_qat_recipe, modelopt_config
 from joyai_megatron.training.trainer import recipe_arch
 
@@ -156,6 +157,88 @@ def test_int4_nibble_layout() -> None:
     assert torch.equal(unpack_int4(byte.to(torch.uint8)[None]), q)
 
 
+def ulps(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest distance in units in the last place of ``reference``'s dtype."""
+    _, exponent = torch.frexp(reference.float())
+    spacing = torch.finfo(reference.dtype).eps * torch.exp2(exponent.float() - 1)
+    return ((value.float() - reference.float()).abs() / spacing).max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compressed_tensors_packing_holds_the_quantizers_integers(dtype: torch.dtype) -> None:
+    """compressed-tensors packing of a ModelOpt INT4 layer: the package's own unpack gives exactly
+    the integers the fake quantizer used, in vLLM's uint4b8 word layout, and integers x scale
+    reproduce Q(W) up to float rounding: ModelOpt computes q / (7/amax), the format q * (amax/7), and
+    a bf16 export also rounds the scale to bf16 (bit equality is out of reach with one scale per
+    group: for most fp32 groups no scale gives q * scale == Q(W) for all 15 codes)."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from joyai_megatron.quant import compressed
+    from joyai_megatron.quant.export import LinearQuant, materialize_weight_amax
+    from joyai_megatron.quant.modelopt_state import calibrate, insert_quantizers
+    from joyai_megatron.quant.reload import unpack_int4
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False)).to(dtype)
+    insert_quantizers(model, modelopt_config(recipe("qat.block_size=16")))
+    calibrate(model, lambda m: m(torch.randn(4, 64, dtype=dtype)), weight_amax="dynamic")
+    layer = model[0]
+    w = layer.weight.detach()
+    fake = layer.weight_quantizer(w).detach()
+    materialize_weight_amax(model)
+    q = LinearQuant.of(layer)
+    out = compressed.pack(fake, q.weight_scale, 16)
+    assert out["weight_packed"].dtype == torch.int32 and out["weight_packed"].shape == (32, 8)
+    assert out["weight_shape"].tolist() == [32, 64]
+    codes = unpack_from_int32(out["weight_packed"], 4, torch.Size(out["weight_shape"].tolist()))
+    assert codes.abs().max() <= 7  # ModelOpt's narrow range [-7, 7] with scale amax/7
+    assert torch.equal(codes, unpack_int4(q.packed(w, slice(0, 32))))  # = the unified export's integers
+    blocks = w.float().reshape(32, 4, 16)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    torch.testing.assert_close(q.weight_scale, amax.squeeze(-1) / 7.0, rtol=0, atol=0)
+    if dtype == torch.float32:  # independent round-to-nearest (bf16 weights hit exact .5 ties, whose
+        # side depends on how the product is rounded: Q(W) decides, as checked below)
+        expected = torch.round(blocks * (7.0 / amax)).reshape(32, 64).to(torch.int8)
+        assert torch.equal(codes, expected)
+    word = sum((int(codes[0, i]) + 8) << (4 * i) for i in range(8))  # element i at bits 4i, stored q+8
+    assert int(out["weight_packed"][0, 0]) == word - (1 << 32 if word >= 1 << 31 else 0)
+    # The package's own decompression of the stored tensors (as transformers runs it on load).
+    stored = {**out, "weight_scale": q.weight_scale.to(dtype)}
+    back = PackedQuantizationCompressor.decompress(stored, compressed.int4_scheme(16))["weight"]
+    assert back.dtype == dtype
+    assert ulps(back, fake) <= 2.0  # measured: 2 ulp (fp32), 1 ulp (bf16)
+    # A scale that is not the quantizer's (compressed-tensors' own amax/7.5) is refused.
+    with pytest.raises(ConversionError, match="not on the INT4 grid"):
+        compressed.pack(fake, q.weight_scale * 7.0 / 7.5, 16)
+
+
+@pytest.mark.parametrize("fmt", ["w4afp8", "fp8"])
+def test_compressed_tensors_refuses_other_qat_formats(fmt: str, tmp_path: Path, capsys) -> None:
+    """Only INT4 weight-only recipes export to compressed-tensors; the refusal names the recipe's
+    format and comes from the checkpoint's recipe alone, before any model is built."""
+    from joyai_megatron.config.recipe import save_resolved_recipe
+    from joyai_megatron.quant.export import main
+
+    iteration = tmp_path / "ckpt" / "iter_0000001"
+    save_resolved_recipe(recipe(f"qat.format={fmt}"), iteration)
+    (iteration / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    (iteration / "modelopt_state").mkdir()
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("1")
+    argv = [
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+        "--output",
+        str(tmp_path / "hf"),
+        "--format",
+        "compressed-tensors",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"qat.format={fmt!r}" in err and "int4_w4a16" in err and "--format quantized" in err
+    assert not (tmp_path / "hf").exists()
+
+
 # --- training runs ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def memorized(stages_root: Path, demo_data: Path) -> dict:
@@ -268,6 +351,8 @@ def check_w4afp8_export(checkpoint: Path, out: Path) -> None:
     finally:
         shutdown()
     assert diff < 1e-4
+    with pytest.raises(ConversionError, match="qat.format='w4afp8'"):
+        export_qat_to_hf(checkpoint, out.with_name("w4afp8_ct"), fmt="compressed-tensors")
     quant = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
     assert quant["quant_algo"] == "W4A8_AWQ" and quant["group_size"] == 32
     files = HFCheckpoint(out)
@@ -304,3 +389,62 @@ def test_export_reloads_with_fake_quant_logits(qat_int4: Run, tmp_path: Path) ->
     assert set(tensors) == set(plain.names())
     for key, value in tensors.items():
         torch.testing.assert_close(value, plain.get(key), rtol=0, atol=1e-6, msg=key)
+
+
+def test_compressed_tensors_export_loads_in_transformers(qat_int4: Run, tmp_path: Path) -> None:
+    """``--format compressed-tensors``: transformers loads it as is (its compressed-tensors
+    integration unpacks through the package) with the fake-quantized model's logits; the integers
+    and scales are the unified export's, everything else is byte-identical to it."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from transformers import AutoModelForCausalLM
+
+    from joyai_megatron.convert.hf_io import HFCheckpoint
+    from joyai_megatron.quant.export import export_qat_to_hf
+    from joyai_megatron.quant.reload import compare_logits, unpack_int4
+    from joyai_megatron.training.distributed import shutdown
+
+    ct_dir, unified_dir = tmp_path / "ct", tmp_path / "int4"
+    try:
+        export_qat_to_hf(qat_int4.checkpoint_dir, ct_dir, fmt="compressed-tensors", dtype="fp32")
+        export_qat_to_hf(qat_int4.checkpoint_dir, unified_dir, dtype="fp32")
+        diff = compare_logits(qat_int4.checkpoint_dir, ct_dir)
+        print("MEASURED ct", diff, "unified", compare_logits(qat_int4.checkpoint_dir, unified_dir))
+    finally:
+        shutdown()
+    assert diff < 1e-4  # fp32 on both sides; documented in docs/qat.md
+    config = json.loads((ct_dir / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert quant["quant_method"] == "compressed-tensors" and quant["format"] == "pack-quantized"
+    assert quant["quantization_status"] == "compressed" and list(quant["config_groups"]) == ["group_0"]
+    group = quant["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"] and group["input_activations"] is None
+    assert {k: group["weights"][k] for k in ("num_bits", "type", "symmetric", "strategy", "group_size")} == {
+        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32
+    }  # fmt: skip
+    mtp = f"model.layers.{config['num_hidden_layers']}."
+    assert {"lm_head", "model.layers.1.mlp.gate", f"{mtp}eh_proj", f"{mtp}self_attn.o_proj"} <= set(
+        quant["ignore"]
+    )
+
+    model, info = AutoModelForCausalLM.from_pretrained(ct_dir, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    # As for every DeepseekV3 export: transformers builds no MTP layer and skips its tensors.
+    assert info["unexpected_keys"] and all(k.startswith(mtp) for k in info["unexpected_keys"]), info
+    assert model.dtype == torch.float32
+
+    ct, unified = HFCheckpoint(ct_dir), HFCheckpoint(unified_dir)
+    packed = {n[: -len("weight_packed")] for n in ct.names() if n.endswith(".weight_packed")}
+    assert packed and not packed & {name + "." for name in quant["ignore"]}
+    for name in unified.names():
+        prefix = name[: -len("weight")]
+        if prefix in packed:  # same integers and scales as the unified export
+            shape = ct.get(prefix + "weight_shape")
+            half_rows, cols = unified.shape(name)  # the unified format packs two rows per byte
+            assert shape.dtype == torch.int64 and shape.tolist() == [2 * half_rows, cols]
+            codes = unpack_from_int32(ct.get(prefix + "weight_packed"), 4, torch.Size(shape.tolist()))
+            assert torch.equal(codes, unpack_int4(unified.get(name))), name
+            assert torch.equal(ct.get(prefix + "weight_scale"), unified.get(prefix + "weight_scale")), name
+        elif not name.endswith("weight_scale"):  # everything else byte for byte
+            same = ct.dtype(name) == unified.dtype(name) and torch.equal(ct.get(name), unified.get(name))
+            assert same, name
+    assert len(ct.names()) == len(unified.names()) + len(packed)  # + weight_shape per quantized linear
