@@ -408,7 +408,6 @@ def test_compressed_tensors_export_loads_in_transformers(qat_int4: Run, tmp_path
         export_qat_to_hf(qat_int4.checkpoint_dir, ct_dir, fmt="compressed-tensors", dtype="fp32")
         export_qat_to_hf(qat_int4.checkpoint_dir, unified_dir, dtype="fp32")
         diff = compare_logits(qat_int4.checkpoint_dir, ct_dir)
-        print("MEASURED ct", diff, "unified", compare_logits(qat_int4.checkpoint_dir, unified_dir))
     finally:
         shutdown()
     assert diff < 1e-4  # fp32 on both sides; documented in docs/qat.md
