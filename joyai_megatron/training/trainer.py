@@ -56,6 +56,10 @@ def recipe_arch(recipe: Recipe) -> ModelArch:
     return arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch})
 
 
+
+def _output_requires_grad(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    return output.requires_grad_(torch.is_grad_enabled())
+
 class Trainer:
     def __init__(self, recipe: Recipe, stage: type[Stage]) -> None:
         self.recipe = recipe
@@ -142,6 +146,13 @@ class Trainer:
             for name, param in model.named_parameters():
                 if any(part in name for part in self.stage_class.frozen_parameters):
                     param.requires_grad_(False)  # before DDP: no grad buffer, no optimizer state
+            embedding = getattr(model, "embedding", None)
+            if embedding is not None and not any(q.requires_grad for q in embedding.parameters()):
+                # Full recompute checkpoints layer blocks reentrantly: a block whose input needs no
+                # gradient (the output of a frozen embedding) is never recomputed in backward and
+                # its parameters silently get no gradient at all.  The MTP block embeds through the
+                # same module.
+                embedding.register_forward_hook(_output_requires_grad)
             if torch.cuda.is_available():
                 model.cuda(torch.cuda.current_device())  # gpu-only
             if self.config.bf16 or self.config.fp16:

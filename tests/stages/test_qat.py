@@ -306,6 +306,21 @@ def test_checkpoint_holds_modelopt_state(qat_int4: Run) -> None:
     assert set(saved["stage"]["comparison"]) == {"unquantized", "ptq"}
 
 
+def test_full_recompute_trains_behind_a_frozen_embedding(memorized: dict) -> None:
+    """The 48B QAT recipe freezes the embedding and recomputes every layer: Megatron's reentrant
+    checkpoint never re-runs a layer block whose input needs no gradient, so without the trainer's
+    embedding hook the decoder got no gradient at all (grad norm 0.03 instead of 0.19, routers
+    counting no tokens).  Full recompute must train exactly like no recompute."""
+    common = ["qat.compare=false", "train.eval_interval=0", "train.train_iters=2", "checkpoint.save_interval=0"]
+    runs = {
+        mode: qat_run(memorized, f"recompute_{mode}", *common, f"model.recompute={mode}")
+        for mode in ("none", "full")
+    }
+    for plain, recomputed in zip(runs["none"].history, runs["full"].history, strict=True):
+        assert recomputed["grad_norm"] == plain["grad_norm"] and recomputed["lm_loss"] == plain["lm_loss"]
+        assert recomputed["moe/load_max_over_min"] > 0  # the recomputed routers counted their tokens
+
+
 def test_resume_restores_quantizers_bitwise(memorized: dict) -> None:
     """W4AFP8 (calibrated static FP8 activation scales + INT4/FP8 weight stages): 2N steps straight
     equal N steps, a restart from the step-N checkpoint, and N more steps, bit for bit."""
