@@ -285,6 +285,10 @@ def load_checkpoint(
         _set_rng_state(loaded["rng_state"])
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
+    else:
+        # BF16/FP16 optimizers keep FP32 main copies of the weights, made when they were built (from
+        # the fresh initialisation): without this refresh the first step writes that init back.
+        optimizer.reload_model_params()
     if not load_counters:
         return None
     scheduler.load_state_dict(loaded["scheduler"])
