@@ -140,7 +140,7 @@ def _write_shard(
                 raise ConversionError(
                     f"{t.name}: produced {fmt_shape(data.shape)} {data.dtype}, planned {fmt_shape(t.shape)} {t.dtype}"
                 )
-            flat = data.contiguous().reshape(-1).view(torch.uint8)
+            flat = data.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # a GPU-built model too
             f.write(memoryview(flat.numpy()))
             if on_write is not None:
                 on_write(t.nbytes)

@@ -1,4 +1,4 @@
-"""Our Megatron model on one CPU process, loaded through Megatron's own checkpoint loader.
+"""Our Megatron model in one process (on the GPU when one is visible), loaded through Megatron's own loader.
 
 Used by ``verify --logits`` and the conversion tests: the reference side of a logits comparison
 must not share code with the converter, so weights come in through
@@ -61,9 +61,14 @@ def build_megatron_model(
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    return build_joyai_model(
+    model = build_joyai_model(
         config, arch, backend, pre_process=pre_process, post_process=post_process, pp_rank=pp_rank
     )
+    if torch.cuda.is_available():
+        # Megatron builds its linears on the GPU when one is visible, our norms on the host: one
+        # device for all (hide the GPUs with CUDA_VISIBLE_DEVICES= to hold the model in host memory).
+        model.cuda(torch.cuda.current_device())  # gpu-only
+    return model
 
 
 def load_megatron_checkpoint(model: torch.nn.Module, iteration_dir: str | os.PathLike) -> None:
@@ -91,7 +96,9 @@ def megatron_logits(
         handle = model.mtp.register_forward_hook(lambda _m, _i, out: caught.append(out))
     try:
         b, s = input_ids.shape
-        position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+        device = next(model.parameters()).device  # the model may sit on a GPU, the ids on the host
+        input_ids = input_ids.to(device)
+        position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
         logits = model(input_ids, position_ids, None)
     finally:
         if handle is not None:
@@ -111,5 +118,5 @@ def megatron_greedy(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens:
     ids = input_ids
     for _ in range(new_tokens):
         logits, _ = megatron_logits(model, ids)
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True).to(ids.device)], dim=1)
     return ids[:, input_ids.shape[1] :]

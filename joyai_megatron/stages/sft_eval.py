@@ -122,8 +122,6 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Any]
     arch = arch_from_recipe(recipe)
     model = build_megatron_model(arch, mtp=bool(arch.mtp_num_layers))
     load_megatron_checkpoint(model, path)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())  # gpu-only
     return model.eval(), recipe
 
 

@@ -175,31 +175,37 @@ def test_compressed_tensors_packing_holds_the_quantizers_integers(dtype: torch.d
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     from joyai_megatron.quant import compressed
-    from joyai_megatron.quant.export import LinearQuant, materialize_weight_amax
+    from joyai_megatron.quant.export import LinearQuant, materialize_weight_amax, packing_input
     from joyai_megatron.quant.modelopt_state import calibrate, insert_quantizers
     from joyai_megatron.quant.reload import unpack_int4
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False)).to(dtype)
+    rows, cols = 32, 1024  # enough BF16 weights to meet exact .5 ties (below)
+    model = torch.nn.Sequential(torch.nn.Linear(cols, rows, bias=False)).to(dtype)
     insert_quantizers(model, modelopt_config(recipe("qat.block_size=16")))
-    calibrate(model, lambda m: m(torch.randn(4, 64, dtype=dtype)), weight_amax="dynamic")
+    calibrate(model, lambda m: m(torch.randn(4, cols, dtype=dtype)), weight_amax="dynamic")
     layer = model[0]
     w = layer.weight.detach()
     fake = layer.weight_quantizer(w).detach()
     materialize_weight_amax(model)
     q = LinearQuant.of(layer)
     out = compressed.pack(fake, q.weight_scale, 16)
-    assert out["weight_packed"].dtype == torch.int32 and out["weight_packed"].shape == (32, 8)
-    assert out["weight_shape"].tolist() == [32, 64]
+    assert out["weight_packed"].dtype == torch.int32 and out["weight_packed"].shape == (rows, cols // 8)
+    assert out["weight_shape"].tolist() == [rows, cols]
     codes = unpack_from_int32(out["weight_packed"], 4, torch.Size(out["weight_shape"].tolist()))
     assert codes.abs().max() <= 7  # ModelOpt's narrow range [-7, 7] with scale amax/7
-    assert torch.equal(codes, unpack_int4(q.packed(w, slice(0, 32))))  # = the unified export's integers
-    blocks = w.float().reshape(32, 4, 16)
+    # The unified export's integers are the same, because both start from Q(W).  ModelOpt's packer
+    # applied to W itself rounds W / scale, not W * (7 / amax) as the quantizer does: in BF16 the two
+    # sit on exact .5 ties often enough to pick other integers (which is why the export packs Q(W)).
+    assert torch.equal(codes, unpack_int4(q.packed(packing_input(layer, q), slice(0, rows))))
+    from_w = unpack_int4(q.packed(w, slice(0, rows)))
+    assert (from_w != codes).any() == (dtype == torch.bfloat16)
+    blocks = w.float().reshape(rows, cols // 16, 16)
     amax = blocks.abs().amax(-1, keepdim=True)
     torch.testing.assert_close(q.weight_scale, amax.squeeze(-1) / 7.0, rtol=0, atol=0)
     if dtype == torch.float32:  # independent round-to-nearest (bf16 weights hit exact .5 ties, whose
         # side depends on how the product is rounded: Q(W) decides, as checked below)
-        expected = torch.round(blocks * (7.0 / amax)).reshape(32, 64).to(torch.int8)
+        expected = torch.round(blocks * (7.0 / amax)).reshape(rows, cols).to(torch.int8)
         assert torch.equal(codes, expected)
     word = sum((int(codes[0, i]) + 8) << (4 * i) for i in range(8))  # element i at bits 4i, stored q+8
     assert int(out["weight_packed"][0, 0]) == word - (1 << 32 if word >= 1 << 31 else 0)
