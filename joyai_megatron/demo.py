@@ -64,6 +64,13 @@ STEPS: list[Step] = [
         "verify the export against the checkpoint (coverage, shapes, logits)",
         [*PY, "joyai_megatron.convert", "verify", "--checkpoint", "runs/demo/rl/checkpoints", "--hf", "runs/demo/hf", "--logits"],
     ),
+    Step(
+        "export the QAT model as INT4 (compressed-tensors, what vLLM/SGLang load) and reload it in transformers",
+        [
+            *PY, "joyai_megatron.quant.export", "--checkpoint", "runs/demo/qat/checkpoints", "--output",
+            "runs/demo/hf_int4", "--format", "compressed-tensors", "--dtype", "fp32", "--verify-logits",
+        ],
+    ),
 ]
 
 
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + line)
     print(
         "  outputs: runs/demo/data (tokenizer, datasets), runs/demo/pretrain/stage{1..4}, runs/demo/{sft,dpo,rl,qat}"
-        " (each: checkpoints/ + logs/ with metrics.jsonl and TensorBoard), runs/demo/hf (Hugging Face export)"
+        " (each: checkpoints/ + logs/ with metrics.jsonl and TensorBoard), runs/demo/hf (Hugging Face export),"
+        " runs/demo/hf_int4 (INT4 export of the QAT model; fp32 here for the exact reload check, bf16 by default)"
     )
     print(f"  total time {time.time() - started:.0f}s")
     return 0
