@@ -83,7 +83,7 @@ def load_megatron_checkpoint(model: torch.nn.Module, iteration_dir: str | os.Pat
 def megatron_logits(
     model: torch.nn.Module, input_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(main logits [b, s, V], MTP logits [b, s, V] or None) in eval mode.
+    """(main logits [b, s, V], MTP logits [b, s, V] or None) in eval mode, on ``input_ids``' device.
 
     Megatron computes the MTP block inside ``GPTModel.forward`` and keeps only its loss; a hook on
     ``model.mtp`` catches its hidden states, and the shared ``output_layer`` turns them into logits.
@@ -97,9 +97,8 @@ def megatron_logits(
     try:
         b, s = input_ids.shape
         device = next(model.parameters()).device  # the model may sit on a GPU, the ids on the host
-        input_ids = input_ids.to(device)
         position_ids = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
-        logits = model(input_ids, position_ids, None)
+        logits = model(input_ids.to(device), position_ids, None)
     finally:
         if handle is not None:
             handle.remove()
@@ -108,8 +107,8 @@ def megatron_logits(
         depth = model.config.mtp_num_layers
         hidden = torch.chunk(caught[0], 1 + depth, dim=0)[1]  # [s, b, h]
         mtp_logits, _ = model.output_layer(hidden)
-        mtp_logits = mtp_logits.transpose(0, 1).contiguous()
-    return logits, mtp_logits
+        mtp_logits = mtp_logits.transpose(0, 1).contiguous().to(input_ids.device)
+    return logits.to(input_ids.device), mtp_logits
 
 
 @torch.no_grad()
@@ -118,5 +117,5 @@ def megatron_greedy(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens:
     ids = input_ids
     for _ in range(new_tokens):
         logits, _ = megatron_logits(model, ids)
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True).to(ids.device)], dim=1)
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids[:, input_ids.shape[1] :]

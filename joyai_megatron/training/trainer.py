@@ -56,9 +56,9 @@ def recipe_arch(recipe: Recipe) -> ModelArch:
     return arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch})
 
 
-
 def _output_requires_grad(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
     return output.requires_grad_(torch.is_grad_enabled())
+
 
 class Trainer:
     def __init__(self, recipe: Recipe, stage: type[Stage]) -> None:

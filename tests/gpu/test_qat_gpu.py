@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1].parent
-sys.path.insert(0, str(REPO / "tests" / "stages"))
+TESTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS), str(TESTS / "stages")]
 
-from qat_fixtures import write_memorization_corpus  # noqa: E402
+from joyai_helpers import REPO, clean_env, joyai_command, read_metrics  # noqa: E402
+from qat_fixtures import memorization_overrides, write_memorization_corpus  # noqa: E402
 
 PRETRAIN_48B = REPO / "recipes" / "pretrain" / "joyai_48b_a3b" / "base.yaml"
 QAT_48B = REPO / "recipes" / "qat" / "joyai_48b_a3b_int4.yaml"
@@ -40,8 +40,8 @@ def one_device(data: Path, tokenizer: Path, arch: list[str]) -> list[str]:
     """Overrides that put a 48B recipe on one device with the local backend and the test's data."""
     return [
         *arch,
+        *memorization_overrides(data, tokenizer, data.parent / "cache"),
         "model.backend=local",
-        "model.mtp_enabled=true",
         "model.moe_token_dispatcher=allgather",
         "model.moe_router_padding_for_fp8=false",
         "parallel.pp=1",
@@ -51,16 +51,7 @@ def one_device(data: Path, tokenizer: Path, arch: list[str]) -> list[str]:
         "parallel.overlap_param_gather=false",
         "precision.fp8=null",
         "precision.fp8_param_gather=false",
-        f"data.tokenizer={tokenizer}",
-        "data.blend=null",
-        f"data.paths=[{data}]",
-        'data.split="50,50,0"',
-        f"data.cache_dir={data.parent / 'cache'}",
         "data.num_workers=0",
-        "train.seq_length=64",
-        "train.micro_batch_size=8",
-        "train.global_batch_size=8",
-        "train.rampup_batch_size=null",
         "checkpoint.async_save=false",
         "logging.wandb_project=null",
         "logging.tensorboard=false",
@@ -69,9 +60,10 @@ def one_device(data: Path, tokenizer: Path, arch: list[str]) -> list[str]:
 
 
 def run(cmd: list[str], log: Path, timeout: int) -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=clean_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+        )
     assert proc.returncode == 0, f"{' '.join(cmd)} failed (rc {proc.returncode}):\n{log.read_text()[-6000:]}"
 
 
@@ -83,36 +75,35 @@ def flow(root: Path, arch: list[str], *, pretrain_iters: int, qat_iters: int, ti
     tokenizer = root / "demo" / "tokenizer"
     prefix = write_memorization_corpus(root / "data" / "mem")
     common = one_device(prefix, tokenizer, arch)
-    python = sys.executable
     run(
-        [python, "-m", "joyai_megatron", "pretrain", str(PRETRAIN_48B), *common,
+        joyai_command("pretrain", PRETRAIN_48B, [*common,
          f"checkpoint.dir={root / 'ref'}", f"logging.dir={root / 'ref_logs'}", "model.moe_grouped_gemm=true",
          "model.recompute=none", f"train.train_iters={pretrain_iters}", "train.eval_interval=0",
          "optim.lr=2.0e-3", "optim.min_lr=2.0e-4", "scheduler.decay_style=cosine",
-         f"scheduler.warmup_tokens={512 * (pretrain_iters // 6)}", f"checkpoint.save_interval={pretrain_iters}"],
+         f"scheduler.warmup_tokens={512 * (pretrain_iters // 6)}", f"checkpoint.save_interval={pretrain_iters}"]),
         root / "pretrain.log", timeout,
     )  # fmt: skip
     run(
-        [python, "-m", "joyai_megatron", "qat", str(QAT_48B), *common,
+        joyai_command("qat", QAT_48B, [*common,
          f"checkpoint.dir={root / 'qat'}", f"logging.dir={root / 'qat_logs'}", f"checkpoint.load={root / 'ref'}",
          "qat.data=pretrain", "data.sft_path=null", "sft.valid_path=null", "qat.calib_batches=1",
          f"train.train_iters={qat_iters}", f"train.eval_interval={qat_iters}", "train.eval_iters=3",
          f"scheduler.warmup_tokens={512 * min(3, qat_iters - 1)}",
-         f"checkpoint.save_interval={qat_iters}"],
+         f"checkpoint.save_interval={qat_iters}"]),
         root / "qat.log", timeout,
     )  # fmt: skip
-    steps = [line for line in (root / "qat.log").read_text().splitlines() if line.startswith("step ")]
+    steps = [m for m in read_metrics(root / "qat_logs") if "lm_loss" in m]
     result = {
         "compare": json.loads((root / "qat_logs" / "qat_compare.json").read_text()),
-        "lm_loss": [float(x.split("| lm loss ")[1].split()[0]) for x in steps],
-        "moe_load_max_over_min": [float(x.split("moe/load max over min ")[1].split()[0]) for x in steps],
+        "lm_loss": [m["lm_loss"] for m in steps],
+        "moe_load_max_over_min": [m["moe/load_max_over_min"] for m in steps],
         "exports": {},
     }
     for fmt in ("compressed-tensors", "quantized"):
         out = root / f"hf_{fmt}"
         log = root / f"export_{fmt}.log"
         run(
-            [python, "-m", "joyai_megatron.quant.export", "--checkpoint", str(root / "qat"), "--output", str(out),
+            [sys.executable, "-m", "joyai_megatron.quant.export", "--checkpoint", str(root / "qat"), "--output", str(out),
              "--format", fmt, "--dtype", "fp32", "--verify-logits"],
             log, timeout,
         )  # fmt: skip
