@@ -39,6 +39,12 @@ PARTS = {
     "ours": ("ours", {}),
     "ours-no-mtp": ("ours", {"mtp": False}),
     "ours-sequential": ("ours", {"experts": "sequential"}),
+    # The production path: Transformer Engine (fused attention, TE grouped GEMMs, fused permutation),
+    # BF16 and each FP8 scaling recipe (E4M3, experts' token counts padded for FP8).
+    "te": ("ours", {"backend": "te"}),
+    "te-fp8-blockwise": ("ours", {"backend": "te", "fp8_recipe": "blockwise"}),
+    "te-fp8-tensorwise": ("ours", {"backend": "te", "fp8_recipe": "tensorwise"}),
+    "te-fp8-delayed": ("ours", {"backend": "te", "fp8_recipe": "delayed"}),
     "baseline": ("baseline", {}),
     "baseline-eager": ("baseline", {"baseline_experts": "eager"}),
 }
@@ -74,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-experts", choices=("grouped_mm", "eager"), default="grouped_mm")
     p.add_argument("--no-mtp", dest="mtp", action="store_false", help="ours without the MTP block")
     p.add_argument("--documents", action="store_true", help="per-document attention (ours only)")
+    p.add_argument("--backend", choices=("local", "te"), default="local", help="ours: model.backend")
+    p.add_argument("--fp8-recipe", default=None, help="ours with te: E4M3 FP8 with this scaling recipe")
+    p.add_argument("--fp8-param-gather", action="store_true", help="ours with FP8: FP8 weights too")
     p.add_argument("--data", help="demo data dir (tokenizer/, blend.yaml) instead of mock tokens")
     p.add_argument("--lr", type=float, default=4.2e-4)
     p.add_argument("--parts", default="ours,baseline", help=f"comma list of {sorted(PARTS)}")
@@ -244,13 +253,19 @@ def bench_recipe(args: argparse.Namespace, out_dir: Path, train_iters: int) -> P
         "stage": "pretrain",
         "model": {
             "preset": args.preset,
-            "backend": "local",
+            "backend": args.backend,
             "mtp_enabled": args.mtp,
             "moe_grouped_gemm": args.experts == "grouped",
+            "moe_router_padding_for_fp8": bool(args.fp8_recipe),
             "recompute": args.recompute,
         },
         "parallel": {"distributed_optimizer": False},
-        "precision": {"dtype": args.dtype},
+        "precision": {
+            "dtype": args.dtype,
+            "fp8": "e4m3" if args.fp8_recipe else None,
+            "fp8_recipe": args.fp8_recipe or "blockwise",
+            "fp8_param_gather": bool(args.fp8_recipe) and args.fp8_param_gather,
+        },
         "train": {
             "seq_length": args.seq_length,
             "micro_batch_size": args.micro_batch,
@@ -288,7 +303,10 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     finally:
         shutdown()
     result["flops_per_token"] = flops_per_token(recipe_arch(recipe), args.seq_length, mtp=args.mtp)
-    result["what"] = f"Trainer+PretrainStage, Muon, {'MTP' if args.mtp else 'no MTP'}, {args.experts} experts"
+    fp8 = f", FP8 {args.fp8_recipe}" if args.fp8_recipe else ""
+    result["what"] = (
+        f"Trainer+PretrainStage, {args.backend}{fp8}, Muon, {'MTP' if args.mtp else 'no MTP'}, {args.experts} experts"
+    )
     return result
 
 
@@ -443,6 +461,10 @@ def report(args: argparse.Namespace, env: dict[str, Any], peak: float, results: 
             f"{r['peak_mem_gib']:>9.1f}  {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}   ({r['what']})"
         )
     done = {r["part"]: r for r in results if "error" not in r}
+    if "te" in done:
+        for name, r in done.items():
+            if name.startswith("te-fp8"):
+                lines.append(f"ratio {name}/te: tokens/s {r['tokens_per_s'] / done['te']['tokens_per_s']:.2f}x")
     for ours in ("ours", "ours-no-mtp", "ours-sequential"):
         for base in ("baseline", "baseline-eager"):
             if ours in done and base in done:

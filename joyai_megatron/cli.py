@@ -1,4 +1,4 @@
-"""``python -m joyai_megatron <command>``: training stages, ``count`` and ``plan``."""
+"""``python -m joyai_megatron <command>``: training stages, ``count``, ``plan`` and ``smoke``."""
 
 from __future__ import annotations
 
@@ -62,6 +62,11 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] == ["smoke"]:
+        from joyai_megatron.smoke import main as smoke_main
+
+        return smoke_main(raw[1:])
     parser = argparse.ArgumentParser(prog="python -m joyai_megatron", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in STAGES:
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOPs utilisation")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU dense BF16 peak")
     p.add_argument("--reserve-gb", type=float, default=None, help="default: 3 GB + 10%% of the GPU")
+    sub.add_parser("smoke", help="train shipped recipes a few steps on one GPU (see `smoke --help`)")
     args = parser.parse_args(argv)
     if args.command == "count":
         return _count(args)

@@ -2,16 +2,127 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from joyai_megatron.compat.grad_accum import use_torch_wgrad_accumulation
+from joyai_megatron.compat.target import assume_transformer_engine
 from joyai_megatron.config.schema import ModelCfg, ParallelCfg, PrecisionCfg
 from joyai_megatron.model.presets import ModelArch
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# FP8 GEMMs in cuBLAS (through Transformer Engine) need every matrix dimension divisible by 16
+# ("(ret.lda % 16) == 0 ... Caller must pad"); the router stays in fp32 and routed-expert token
+# counts are padded by ``moe_router_padding_for_fp8``.
+FP8_GEMM_MULTIPLE = 16
+
+
+def fp8_gemm_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every linear layer that runs in FP8 under Transformer Engine."""
+    heads = arch.num_attention_heads
+    shapes = {
+        "linear_kv_down_proj": (arch.hidden_size, arch.kv_lora_rank + arch.qk_pos_emb_head_dim),
+        "linear_kv_up_proj": (arch.kv_lora_rank, heads * (arch.qk_head_dim + arch.v_head_dim)),
+        "linear_proj": (heads * arch.v_head_dim, arch.hidden_size),
+        "dense linear_fc1": (arch.hidden_size, 2 * arch.ffn_hidden_size),
+        "dense linear_fc2": (arch.ffn_hidden_size, arch.hidden_size),
+        "expert linear_fc1": (arch.hidden_size, 2 * arch.moe_ffn_hidden_size),
+        "expert linear_fc2": (arch.moe_ffn_hidden_size, arch.hidden_size),
+    }
+    q_out = heads * (arch.qk_head_dim + arch.qk_pos_emb_head_dim)
+    if arch.q_lora_rank:
+        shapes["linear_q_down_proj"] = (arch.hidden_size, arch.q_lora_rank)
+        shapes["linear_q_up_proj"] = (arch.q_lora_rank, q_out)
+    else:
+        shapes["linear_q_proj"] = (arch.hidden_size, q_out)
+    if arch.shared_expert_hidden_size:
+        shapes["shared_experts linear_fc1"] = (arch.hidden_size, 2 * arch.shared_expert_hidden_size)
+        shapes["shared_experts linear_fc2"] = (arch.shared_expert_hidden_size, arch.hidden_size)
+    if arch.mtp_num_layers:
+        shapes["mtp eh_proj"] = (2 * arch.hidden_size, arch.hidden_size)
+    return shapes
+
+
+def check_fp8_shapes(arch: ModelArch, precision: PrecisionCfg, preset: str) -> None:
+    """Refuse FP8 for an architecture whose GEMM dims cuBLAS cannot run in FP8, naming them."""
+    if not precision.fp8:
+        return
+    bad = [
+        f"{name} {fan_in}x{fan_out}"
+        for name, (fan_in, fan_out) in fp8_gemm_shapes(arch).items()
+        if fan_in % FP8_GEMM_MULTIPLE or fan_out % FP8_GEMM_MULTIPLE
+    ]
+    if bad:
+        raise ValueError(
+            f"precision.fp8={precision.fp8}: model preset {preset!r} has linear layers whose dims are not "
+            f"multiples of {FP8_GEMM_MULTIPLE}, which FP8 GEMMs need: {', '.join(bad)}; "
+            "set precision.fp8=null or change model.arch"
+        )
+
+
+# Megatron-Core config fields -> the recipe key that sets them, to name the key to change when
+# Megatron-Core rejects a config (its messages name its own fields).
+RECIPE_KEYS = {
+    "fp8": "precision.fp8",
+    "fp8_recipe": "precision.fp8_recipe",
+    "fp8_param": "precision.fp8_param_gather",
+    "fp8_param_gather": "precision.fp8_param_gather",
+    "bf16": "precision.dtype",
+    "fp16": "precision.dtype",
+    "params_dtype": "precision.dtype",
+    "moe_router_padding_for_fp8": "model.moe_router_padding_for_fp8",
+    "moe_router_padding_for_quantization": "model.moe_router_padding_for_fp8",
+    "moe_token_dispatcher_type": "model.moe_token_dispatcher",
+    "moe_grouped_gemm": "model.moe_grouped_gemm",
+    "moe_router_load_balancing_type": "model.moe_load_balancing",
+    "moe_aux_loss_coeff": "model.moe_aux_loss_coeff",
+    "recompute_granularity": "model.recompute",
+    "recompute_modules": "model.recompute_modules",
+    "recompute_num_layers": "model.recompute_num_layers",
+    "mtp_num_layers": "model.mtp_enabled",
+    "qk_clip": "model.qk_clip",
+    "tensor_model_parallel_size": "parallel.tp",
+    "pipeline_model_parallel_size": "parallel.pp",
+    "virtual_pipeline_model_parallel_size": "parallel.vpp",
+    "pipeline_model_parallel_layout": "parallel.pp_layout",
+    "expert_model_parallel_size": "parallel.ep",
+    "expert_tensor_parallel_size": "parallel.etp",
+    "context_parallel_size": "parallel.cp",
+    "sequence_parallel": "parallel.sequence_parallel",
+    "num_layers": "model.arch.num_layers",
+    "num_moe_experts": "model.arch.num_experts",
+}
+
+
+class ConfigRejected(ValueError):
+    """Megatron-Core refuses the config a recipe builds; ``keys`` are the recipe keys involved."""
+
+    def __init__(self, reason: str, keys: list[str]) -> None:
+        self.reason, self.keys = reason, keys
+        where = f" (recipe keys: {', '.join(keys)})" if keys else ""
+        super().__init__(f"Megatron-Core rejects this recipe: {reason}{where}")
+
+
+def recipe_keys_in(message: str) -> list[str]:
+    """The recipe keys behind the Megatron-Core fields a message names."""
+    words = set(re.findall(r"[A-Za-z0-9_]+", message))
+    return sorted({key for field_name, key in RECIPE_KEYS.items() if field_name in words})
+
+
+def check_gpu_config(arch: ModelArch, model: ModelCfg, parallel: ParallelCfg, precision: PrecisionCfg) -> None:
+    """Build, here, the exact ``MLATransformerConfig`` the GPU job will build with Transformer Engine,
+    so Megatron-Core's own checks run before any GPU is allocated; raise :class:`ConfigRejected`."""
+    try:
+        with assume_transformer_engine():
+            build_transformer_config(arch, model, parallel, precision, use_cpu_initialization=True, on_gpu=True)
+    except (ValueError, AssertionError, NotImplementedError) as err:
+        reason = str(err).strip() or type(err).__name__
+        raise ConfigRejected(reason, recipe_keys_in(reason)) from err
 
 
 def build_transformer_config(
@@ -21,6 +132,7 @@ def build_transformer_config(
     precision: PrecisionCfg,
     *,
     use_cpu_initialization: bool | None = None,
+    on_gpu: bool | None = None,
 ) -> MLATransformerConfig:
     """The one place where JoyAI's architecture becomes Megatron-Core settings.
 
@@ -32,7 +144,8 @@ def build_transformer_config(
         raise ValueError(f"model.backend must be 'te' or 'local', got {model.backend!r}")
     if precision.dtype not in _DTYPES:
         raise ValueError(f"precision.dtype must be one of {sorted(_DTYPES)}, got {precision.dtype!r}")
-    on_gpu = torch.cuda.is_available()
+    check_fp8_shapes(arch, precision, model.preset)
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     te = model.backend == "te"
     dtype = _DTYPES[precision.dtype]
     recompute = None if model.recompute == "none" else model.recompute
@@ -74,7 +187,9 @@ def build_transformer_config(
         rotary_scaling_factor=1.0,
         mscale=1.0,
         mscale_all_dim=0.0,
-        apply_rope_fusion=te and on_gpu,
+        # Megatron-Core fuses MLA's RoPE only for YARN (multi_latent_attention.py rejects it for
+        # plain "rope"); JoyAI has no rope_scaling block, so RoPE stays unfused on every backend.
+        apply_rope_fusion=False,
         qk_clip=model.qk_clip,
         qk_clip_threshold=model.qk_clip_threshold,
         qk_clip_alpha=model.qk_clip_alpha,
@@ -93,7 +208,7 @@ def build_transformer_config(
         moe_aux_loss_coeff=model.moe_aux_loss_coeff,
         moe_token_dispatcher_type=model.moe_token_dispatcher,
         moe_grouped_gemm=model.moe_grouped_gemm,
-        moe_router_padding_for_fp8=model.moe_router_padding_for_fp8,
+        moe_router_padding_for_quantization=model.moe_router_padding_for_fp8,
         moe_permute_fusion=te and on_gpu,
         # Dense MTP.
         mtp_num_layers=arch.mtp_num_layers if model.mtp_enabled and arch.mtp_num_layers else None,

@@ -18,6 +18,7 @@ from typing import Any
 from joyai_megatron.config.layout import Layout, LayoutError, validate_layout
 from joyai_megatron.config.recipe import RecipeError, load_recipe
 from joyai_megatron.config.schema import Recipe
+from joyai_megatron.model.config import check_gpu_config
 from joyai_megatron.model.count import flops_per_token
 from joyai_megatron.model.presets import ModelArch, arch_from_dict
 
@@ -521,6 +522,9 @@ def main(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe, list(args.overrides))
         arch = arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch})
         layout = validate_layout(recipe, arch, world)
+        # The exact Megatron-Core config the GPU job builds, so its own checks refuse a recipe here
+        # rather than at step 0 on the allocated GPUs.
+        check_gpu_config(arch, recipe.model, recipe.parallel, recipe.precision)
     except (LayoutError, RecipeError, KeyError, ValueError) as err:
         print(f"plan: {args.recipe} on {args.nodes} x {args.gpus_per_node} GPUs: {err}", file=sys.stderr)
         return 2
