@@ -34,12 +34,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "recipes" / "pretrain" / "joyai_48b_a3b" / "base.yaml"
 
+BF16 = ["precision.fp8=null", "precision.fp8_param_gather=false", "model.moe_router_padding_for_fp8=false"]
+FP8 = ["model.backend=te", "precision.fp8=e4m3", "model.moe_router_padding_for_fp8=true"]
 PARTS: dict[str, list[str]] = {
-    "local-bf16": ["model.backend=local", "precision.fp8=null", "precision.fp8_param_gather=false"],
-    "te-bf16": ["model.backend=te", "precision.fp8=null", "precision.fp8_param_gather=false"],
-    "te-fp8-blockwise": ["model.backend=te", "precision.fp8=e4m3", "precision.fp8_recipe=blockwise"],
-    "te-fp8-tensorwise": ["model.backend=te", "precision.fp8=e4m3", "precision.fp8_recipe=tensorwise"],
-    "te-fp8-delayed": ["model.backend=te", "precision.fp8=e4m3", "precision.fp8_recipe=delayed"],
+    "local-bf16": ["model.backend=local", *BF16],
+    "te-bf16": ["model.backend=te", *BF16],
+    "te-fp8-blockwise": [*FP8, "precision.fp8_recipe=blockwise"],
+    "te-fp8-tensorwise": [*FP8, "precision.fp8_recipe=tensorwise"],
+    "te-fp8-delayed": [*FP8, "precision.fp8_recipe=delayed"],
 }
 
 
@@ -89,6 +91,7 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         "scheduler.warmup_tokens=0",
         f"data.tokenizer={data / 'tokenizer'}",
         f"data.blend={data / 'blend.yaml'}",
+        "data.split='98,2,0'",  # the recipe's 99990/10 split leaves the small demo corpus no validation
         f"data.cache_dir={args.out_dir.resolve() / 'cache'}",
         "data.num_workers=0",
         "checkpoint.async_save=false",
@@ -200,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     init = args.out_dir.resolve() / "init" / "ckpt"
     if not (init / "latest_checkpointed_iteration.txt").is_file():
         print("step-0 checkpoint (local backend) ...", flush=True)
-        rc = launch(args, "init", ["model.backend=local", "precision.fp8=null", "precision.fp8_param_gather=false",
-                                   "train.train_iters=0"]).wait()  # fmt: skip
+        rc = launch(args, "init", [*PARTS["local-bf16"], "train.train_iters=0"]).wait()
         if rc != 0:
             print(f"init failed (exit {rc}); see {args.out_dir / 'init' / 'run.log'}", file=sys.stderr)
             return 1

@@ -193,12 +193,19 @@ def read_result(recipe_path: str, stage: str, out: Path, seconds: float, rc: int
     )
 
 
+def run_name(recipe_path: str) -> str:
+    """A directory name unique among the shipped recipes (``sft/joyai_48b_a3b`` and
+    ``dpo/joyai_48b_a3b`` share a file name): the file and its folder."""
+    path = Path(recipe_path)
+    return f"{path.parent.name}_{path.stem}"
+
+
 def run_one(recipe_path: str, data: Path, args: argparse.Namespace) -> SmokeResult:
     """A recipe that ships with ``checkpoint.load`` starts from the checkpoint of a previous stage:
     one pretraining step of the same model (its model, layout and precision sections) on the demo
     corpus, so the weights-only load and, where a stage carries it over, the optimizer state exist
     at exactly this architecture."""
-    out = args.work / Path(recipe_path).stem
+    out = args.work / run_name(recipe_path)
     shipped = load_recipe(recipe_path, list(args.overrides))
     started = time.time()
     init = None

@@ -40,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dtype", default="keep", help="keep (HF dtype) | bf16 | fp16 | fp32")
     f.add_argument(
         "--names",
-        default="both",
-        choices=["both", "local", "te"],
-        help="norm spellings to store: local backend, TE backend's fused names, or both (default)",
+        default="te",
+        choices=["te", "local", "both"],
+        help="norm spellings to store: TE's fused names (default: what both backends save and load), "
+        "the separate-module names of checkpoints from before the backends shared them, or both",
     )
 
     v = sub.add_parser(

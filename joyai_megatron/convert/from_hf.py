@@ -6,10 +6,12 @@ iteration 0 (global keys, so it loads under any parallel layout), plus ``recipe.
 model is built: each stored chunk is read from the safetensors files only when a writer thread
 needs it.
 
-The TE backend stores three norms under fused names (``linear_q_up_proj.layer_norm_weight``,
-``linear_kv_up_proj.layer_norm_weight`` and, in dense layers, ``mlp.linear_fc1.layer_norm_weight``)
-where the local backend has separate modules.  By default both spellings are written (a few KB), so
-a trainer on either backend finds what it asks for.
+Transformer Engine fuses three norms into the next linear and saves them under fused names
+(``linear_q_up_proj.layer_norm_weight``, ``linear_kv_up_proj.layer_norm_weight`` and, in dense
+layers, ``mlp.linear_fc1.layer_norm_weight``); the local backend saves its separate norm modules
+under the same names (``model/spec.py``), so that spelling, the default, loads on either backend.
+``names="local"`` writes the separate-module names that checkpoints had before the backends shared
+the format.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def import_from_hf(
     output: str | os.PathLike,
     *,
     dtype: str | None = None,
-    names: str = "both",
+    names: str = "te",
     include_mtp: bool = True,
     iteration: int = 0,
     threads: int = 4,

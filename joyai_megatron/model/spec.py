@@ -69,20 +69,47 @@ def _swap_norms(node: Any, seen: set[int] | None = None) -> Any:
 
 def _group_experts(layer: ModuleSpec) -> None:
     """Swap SequentialMLP for GroupedMMExperts (same parameters) in an MoE layer's spec."""
-    mlp = layer.submodules.mlp
-    submodules = mlp.keywords.get("submodules") if isinstance(mlp, functools.partial) else None
+    submodules = _mlp_submodules(layer)
     experts = getattr(submodules, "experts", None)
     if isinstance(experts, functools.partial) and experts.func is SequentialMLP:
         submodules.experts = functools.partial(GroupedMMExperts, *experts.args, **experts.keywords)
 
 
+# Transformer Engine fuses three of a layer's RMSNorms into the linear that follows them and saves
+# them under that linear's ``layer_norm_weight``; the local backend keeps separate norm modules.
+# Saving local checkpoints under TE's names (Megatron-Core does the same for its non-MLA local spec,
+# gpt_layer_specs.py ``sharded_state_dict_keys_map``, but not for MLA) makes one on-disk format:
+# a checkpoint written on either backend loads on the other.
+TE_NORM_NAMES = {
+    "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+    "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
+}
+TE_DENSE_NORM_NAMES = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}  # MoE layers keep theirs
+
+
+def _mlp_submodules(layer: ModuleSpec) -> Any:
+    mlp = layer.submodules.mlp
+    if isinstance(mlp, functools.partial):
+        return mlp.keywords.get("submodules")
+    return getattr(mlp, "submodules", None)
+
+
+def _te_checkpoint_names(layer: ModuleSpec) -> None:
+    names = dict(TE_NORM_NAMES)
+    if not hasattr(_mlp_submodules(layer), "experts"):  # a dense FFN (MoE layers have experts)
+        names.update(TE_DENSE_NORM_NAMES)
+    layer.submodules.sharded_state_dict_keys_map = {**layer.submodules.sharded_state_dict_keys_map, **names}
+
+
 def _localize(spec: Any, grouped_experts: bool = False) -> Any:
     """The ``local`` backend: SDPA core attention, replicated MLA down projections,
-    sequence-parallel-capable RMSNorm and, with ``moe_grouped_gemm``, grouped-GEMM experts."""
+    sequence-parallel-capable RMSNorm, TE's checkpoint names and, with ``moe_grouped_gemm``,
+    grouped-GEMM experts."""
     spec = copy.deepcopy(spec)
     _swap_norms(spec)
     layers = spec.layer_specs if isinstance(spec, TransformerBlockSubmodules) else [spec]
     for layer in layers:
+        _te_checkpoint_names(layer)
         attention = layer.submodules.self_attention.submodules
         attention.core_attention = SDPACoreAttention
         # Replicated down projections, as with TE: exact k_pos_emb gradients under TP (compat/mla.py).

@@ -56,6 +56,22 @@ def token_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Ten
     return total, count, {"lm loss": torch.stack([total.detach(), count.detach().float()])}
 
 
+def check_split_not_empty(config: GPTDatasetConfig, sizes: list[int], split: str) -> None:
+    """Megatron-Core loops forever computing epochs (gpt_dataset.py ``_get_num_epochs``) when a split
+    it is asked samples from holds no sequence of a dataset: name the dataset and the key instead."""
+    for prefix in config.blend[0]:
+        low_level = GPTDataset.build_low_level_dataset(prefix, config)
+        count = GPTDataset.numel_low_level_dataset(low_level)
+        for name, bounds, wanted in zip(("train", "validation"), config.split_matrix, sizes, strict=False):
+            if bounds is None or not wanted:
+                continue
+            if round(bounds[1] * count) <= round(bounds[0] * count):
+                raise ValueError(
+                    f"data.split {split!r} gives the {name} split of {prefix} none of its {count} sequences; "
+                    "use a coarser split (e.g. '98,2,0') or more data"
+                )
+
+
 class PretrainStage(Stage):
     name = "pretrain"
 
@@ -79,9 +95,10 @@ class PretrainStage(Stage):
             mid_level_dataset_surplus=0.005,
         )
         cls = MockGPTDataset if d.mock else GPTDataset
-        train, valid, _ = BlendedMegatronDatasetBuilder(
-            cls, [train_samples, max(valid_samples, 1), 0], lambda: True, config
-        ).build()
+        sizes = [train_samples, max(valid_samples, 1), 0]
+        if not d.mock:
+            check_split_not_empty(config, sizes, d.split)
+        train, valid, _ = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
         self.datasets = {"train": train, "valid": valid}
         return self.datasets
 
