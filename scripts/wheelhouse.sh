@@ -35,7 +35,11 @@ download)
   "$PY" -m pip download -q -d "$house" "${platform[@]}" --no-deps -r "$house/requirements-frozen.txt"
   "$PY" -m pip download -q -d "$house" "${platform[@]}" --no-deps \
     "transformer-engine==$te_version" "transformer-engine-cu13==$te_version"
-  "$PY" -m pip download -q -d "$house" "${platform[@]}" pydantic importlib-metadata nvdlfw-inspect
+  # TE's Python dependencies (torch excluded: nvdlfw-inspect, the one that asks for it, goes --no-deps).
+  printf '%s\n' einops onnx onnxscript importlib-metadata > "$house/requirements-te.txt"
+  "$PY" -m pip download -q -d "$house" "${platform[@]}" -r "$house/requirements-te.txt"
+  "$PY" -m pip download -q -d "$house" "${platform[@]}" --no-deps nvdlfw-inspect
+  echo nvdlfw-inspect >> "$house/requirements-te.txt"
   "$PY" -m pip download -q -d "$house" --no-deps --no-binary :all: --no-build-isolation \
     "transformer-engine-torch==$te_version"
   ls "$house" | wc -l | xargs echo "wheelhouse: files in $house:"
@@ -48,9 +52,13 @@ build-te-torch)
   ls "$house"/transformer_engine_torch-*.whl
   ;;
 install)
-  "$PY" -m pip install --no-index --no-deps --find-links "$house" -r "$house/requirements-frozen.txt" \
-    "transformer-engine==$te_version" "transformer-engine-cu13==$te_version" \
-    "transformer-engine-torch==$te_version"
+  # torch is the image's own: every requirement on it is met by what is installed.
+  "$PY" -m pip install --no-index --find-links "$house" -r "$house/requirements-frozen.txt" \
+    -r "$house/requirements-te.txt"
+  # --no-deps: TE's torch extension names the cu12 core package in its metadata whatever CUDA it
+  # was built for.
+  "$PY" -m pip install --no-index --no-deps --find-links "$house" "transformer-engine==$te_version" \
+    "transformer-engine-cu13==$te_version" "transformer-engine-torch==$te_version"
   "$PY" -m pip install --no-deps --no-build-isolation -e .
   "$PY" -c "import torch, transformer_engine, megatron.core as m; print('torch', torch.__version__, '| TE', transformer_engine.__version__, '| megatron-core', m.__version__)"
   ;;
