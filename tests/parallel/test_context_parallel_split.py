@@ -32,7 +32,9 @@ def _packed(doc_lengths: list[list[int]], seed: int = 0):
     rows = len(doc_lengths)
     width = sum(doc_lengths[0])
     assert all(sum(r) == width for r in doc_lengths)
-    positions = torch.cat([torch.cat([torch.arange(n) for n in row]) for row in doc_lengths]).reshape(rows, width)
+    positions = torch.cat([torch.cat([torch.arange(n) for n in row]) for row in doc_lengths]).reshape(
+        rows, width
+    )
     tokens = torch.arange(rows * width).reshape(rows, width) + 1000
     loss_mask = (torch.rand(rows, width, generator=gen) > 0.2).float()
     return pack_batch(tokens, tokens + 5000, loss_mask, positions), tokens, loss_mask
