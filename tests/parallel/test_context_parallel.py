@@ -6,17 +6,22 @@ routers' expert bias is not zero: a uniform model at init would hide per-rank no
 errors).  ``cp_worker.py`` runs one forward-backward of the same global batch at CP=1 and CP=2 for
 whole causal rows, packed documents (padded to multiples of 4 at CP=2) and packed conversations
 through the SFT stage, and returns the logged losses and every parameter's finalized gradient.
+The tiny stage-4 recipe (CP=2 on 2 processes) then trains from the same weights, and a resume of
+its step-2 checkpoint at CP=1 continues with the same losses.
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from joyai_helpers import REPO, clean_env, free_port, run_joyai, write_mock_recipe
+from joyai_helpers import REPO, clean_env, free_port, read_metrics, run_joyai, write_mock_recipe
+
+from joyai_megatron.training.checkpoint import TRACKER
 
 WORKER = Path(__file__).with_name("cp_worker.py")
 ARCH = {"vocab_size": 512}  # small head: attention and MoE activations dominate the memory check
@@ -103,3 +108,46 @@ def test_plan_estimates_the_cp_activation_memory(workers: dict[int, dict]) -> No
         assert 0.6 < ratios[cp] < 1.4, (cp, estimate, workers[cp]["saved_bytes"])
     assert ratios[2] == pytest.approx(ratios[1], rel=0.05), ratios
 
+
+STAGE4 = REPO / "recipes" / "pretrain" / "tiny_cpu" / "stage4.yaml"
+
+
+def _stage4_overrides(root: Path, trained: Path) -> list[str]:
+    return [
+        "data.mock=true", "data.tokenizer=''", "data.blend=null", f"data.cache_dir={root / 'cache'}",
+        "train.eval_interval=0", "train.train_iters=4", "logging.tensorboard=false", "logging.interval=1",
+        f"logging.dir={root / 'logs'}", f"checkpoint.dir={root / 'ckpt'}", "checkpoint.save_interval=2",
+        f"checkpoint.load={trained / 'init' / 'ckpt'}", f"model.arch.vocab_size={ARCH['vocab_size']}",
+    ]  # fmt: skip
+
+
+@pytest.mark.multiproc
+def test_tiny_stage4_runs_with_cp2_and_resumes_at_cp1(trained: Path) -> None:
+    """The tiny stage-4 recipe (its own layout: CP=2) on 2 processes, 4 steps with a checkpoint at
+    step 2; that checkpoint resumed on one process (CP=1, Muon state restored) gives steps 3-4."""
+    cp2 = trained / "stage4_cp2"
+    result = run_joyai("pretrain", STAGE4, _stage4_overrides(cp2, trained), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "layout tp=1 pp=1 cp=2" in result.stdout
+    expected = {m["step"]: m for m in read_metrics(cp2 / "logs")}
+    assert sorted(expected) == [1, 2, 3, 4]
+
+    cp1 = trained / "stage4_cp1"
+    shutil.copytree(cp2 / "ckpt" / "iter_0000002", cp1 / "ckpt" / "iter_0000002")
+    (cp1 / "ckpt" / TRACKER).write_text("2")
+    result = run_joyai("pretrain", STAGE4, [*_stage4_overrides(cp1, trained), "parallel.cp=1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cp=1" in result.stdout and "resumed from" in result.stdout
+    got = {m["step"]: m for m in read_metrics(cp1 / "logs")}
+    assert sorted(got) == [3, 4]
+    # Step 3 continues from the same weights and Muon momentum: fp32 rounding (1e-5); step 4
+    # follows one more update (5e-5, as the other layout tests).
+    for step, tol in ((3, 1e-5), (4, 5e-5)):
+        for key in ("lm_loss", "mtp_loss"):
+            assert abs(got[step][key] - expected[step][key]) <= tol, (
+                step,
+                key,
+                got[step][key],
+                expected[step][key],
+            )
+        assert got[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-4)
