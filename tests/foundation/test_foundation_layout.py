@@ -137,7 +137,7 @@ def test_te_backend_without_transformer_engine_is_a_clear_error(fake_world, tmp_
 def test_context_parallel_layouts(fake_world, tmp_path: Path) -> None:
     """CP runs on both backends (the local one all-gathers K/V); a stage that does not split its
     batches over CP ranks is refused by name before any process group."""
-    from joyai_megatron.stages.dpo import DPOStage
+    from joyai_megatron.stages.rl import RLStage
 
     layout = validate_layout(load_tiny(tmp_path, "parallel.cp=2"), TINY, 4)
     assert (layout.cp, layout.dp) == (2, 2)
@@ -146,6 +146,6 @@ def test_context_parallel_layouts(fake_world, tmp_path: Path) -> None:
     assert validate_layout(load_tiny(tmp_path, "parallel.cp=2", "parallel.ep=2",
                                      "model.moe_token_dispatcher=alltoall"), TINY, 4).ep == 2  # fmt: skip
     fake_world(2)
-    with pytest.raises(LayoutError, match="the dpo stage does not split its batches over context-parallel"):
-        Trainer(load_tiny(tmp_path, "parallel.cp=2"), DPOStage)
+    with pytest.raises(LayoutError, match="the rl stage does not split its batches over context-parallel"):
+        Trainer(load_tiny(tmp_path, "parallel.cp=2"), RLStage)
     assert not dist.is_initialized()
