@@ -57,8 +57,9 @@ class PackedBatch:
         """Copy to ``device``; to a GPU from pinned memory without blocking the host (a pageable
         copy waits for the GPU queue to drain: one sync per tensor per micro-batch)."""
         params = self.packed_seq_params
-        for name in ("cu_seqlens_q", "cu_seqlens_kv"):
-            setattr(params, name, _to(getattr(params, name), device))
+        for name in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+            if getattr(params, name) is not None:
+                setattr(params, name, _to(getattr(params, name), device))
         return PackedBatch(
             _to(self.tokens, device),
             _to(self.labels, device),

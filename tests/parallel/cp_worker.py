@@ -14,6 +14,7 @@ estimates).  Rank 0 writes everything to OUT with ``torch.save``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -59,14 +60,14 @@ def _grads(trainer) -> dict[str, torch.Tensor]:
     from joyai_megatron.training.checkpoint import unwrap
 
     return {
-        name: p.main_grad.detach().clone()
+        name: p.main_grad.detach().float().cpu()
         for name, p in unwrap(trainer.model[0]).named_parameters()
         if getattr(p, "main_grad", None) is not None
     }
 
 
 def _expert_bias(trainer) -> torch.Tensor:
-    return torch.stack([r.expert_bias.detach().clone() for r in trainer._routers()])
+    return torch.stack([r.expert_bias.detach().float().cpu() for r in trainer._routers()])
 
 
 def _saved_bytes(trainer, batch: dict[str, torch.Tensor]) -> int:
@@ -83,7 +84,8 @@ def _saved_bytes(trainer, batch: dict[str, torch.Tensor]) -> int:
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with cuda_device_as_cpu(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    redirect = contextlib.nullcontext() if torch.cuda.is_available() else cuda_device_as_cpu()
+    with redirect, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         trainer.stage.forward_step(iter([batch]), trainer.model[0])
     return sum(kept.values())
 
