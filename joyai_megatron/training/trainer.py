@@ -70,7 +70,7 @@ class Trainer:
         if self.layout.cp > 1 and not stage.supports_context_parallel:
             raise LayoutError(
                 f"parallel.cp={self.layout.cp}: the {stage.name} stage does not split its batches over "
-                "context-parallel ranks (pretrain and sft do); use parallel.cp=1"
+                "context-parallel ranks (pretrain, sft and dpo do); use parallel.cp=1"
             )
         stage.check_recipe(recipe)  # the stage's keys and files, also before any process group
         if recipe.model.backend == "te":

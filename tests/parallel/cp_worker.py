@@ -60,14 +60,14 @@ def _grads(trainer) -> dict[str, torch.Tensor]:
     from joyai_megatron.training.checkpoint import unwrap
 
     return {
-        name: p.main_grad.detach().float().cpu()
+        name: p.main_grad.detach().to("cpu", torch.float32, copy=True)
         for name, p in unwrap(trainer.model[0]).named_parameters()
         if getattr(p, "main_grad", None) is not None
     }
 
 
 def _expert_bias(trainer) -> torch.Tensor:
-    return torch.stack([r.expert_bias.detach().float().cpu() for r in trainer._routers()])
+    return torch.stack([r.expert_bias.detach().to("cpu", torch.float32, copy=True) for r in trainer._routers()])
 
 
 def _saved_bytes(trainer, batch: dict[str, torch.Tensor]) -> int:
