@@ -1,8 +1,9 @@
 """The whole pipeline at toy scale on CPU: ``python -m joyai_megatron.demo``.
 
 Every step is the same command a user runs (data_prep, the four pretraining stages with an
-interruption and resume, SFT, DPO, FiberPO RL, QAT, export to Hugging Face and its check), so the
-demo doubles as an end-to-end smoke of the entry points.  Outputs go under ``runs/demo/``.
+interruption and resume, stage 4 with context parallelism on 2 processes, SFT, DPO, FiberPO RL,
+QAT, export to Hugging Face and its check), so the demo doubles as an end-to-end smoke of the entry
+points.  Outputs go under ``runs/demo/``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ class Step:
     log_dir: str | None = None  # where the stage writes metrics.jsonl
 
 
-def _stage(stage: str, recipe: str, *overrides: str, logs: str | None = None, title: str = "") -> Step:
-    return Step(title or f"{stage}: {recipe}", [*PY, "joyai_megatron", stage, recipe, *overrides], logs)
+def _stage(
+    stage: str, recipe: str, *overrides: str, logs: str | None = None, title: str = "", nproc: int = 1
+) -> Step:
+    """A stage's command; ``nproc`` > 1 runs it under torchrun on this machine (gloo on CPU)."""
+    launcher = [*PY, "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"] if nproc > 1 else PY
+    return Step(title or f"{stage}: {recipe}", [*launcher, "joyai_megatron", stage, recipe, *overrides], logs)
 
 
 STEPS: list[Step] = [
@@ -44,7 +49,10 @@ STEPS: list[Step] = [
     ),
     _stage("pretrain", "recipes/pretrain/tiny_cpu/stage2.yaml", logs="runs/demo/pretrain/stage2/logs"),
     _stage("pretrain", "recipes/pretrain/tiny_cpu/stage3.yaml", logs="runs/demo/pretrain/stage3/logs"),
-    _stage("pretrain", "recipes/pretrain/tiny_cpu/stage4.yaml", logs="runs/demo/pretrain/stage4/logs"),
+    _stage(
+        "pretrain", "recipes/pretrain/tiny_cpu/stage4.yaml", logs="runs/demo/pretrain/stage4/logs", nproc=2,
+        title="pretrain stage 4 (long context, context parallelism: each sequence split over 2 processes)",
+    ),
     _stage("sft", "recipes/sft/tiny_cpu.yaml", logs="runs/demo/sft/logs"),
     Step(
         "score the SFT model: greedy exact match on 100 held-out conversations",
@@ -128,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(ROOT)
     started = time.time()
     for i, step in enumerate(STEPS, 1):
-        print(f"\n=== [{i}/{len(STEPS)}] {step.title}\n$ {' '.join(step.argv[2:])}", flush=True)
+        shown = " ".join(step.argv[2:]).replace("torch.distributed.run ", "torchrun ")
+        print(f"\n=== [{i}/{len(STEPS)}] {step.title}\n$ {shown}", flush=True)
         t0 = time.time()
         result = subprocess.run(step.argv)
         if result.returncode != 0:

@@ -104,12 +104,7 @@ def validate_layout(recipe: Recipe, arch: ModelArch, world_size: int) -> Layout:
     _require(p.vpp is None or p.pp > 1, f"parallel.vpp={p.vpp} needs pp > 1 (pp={p.pp})", errors)
     # Sequence and context parallelism split the sequence.
     if p.cp > 1:
-        _require(
-            t.seq_length % (2 * p.cp) == 0,
-            f"seq_length {t.seq_length} is not divisible by 2*cp = {2 * p.cp} (load-balanced CP)",
-            errors,
-        )
-        _require(recipe.model.backend == "te", f"cp={p.cp} needs model.backend=te", errors)
+        errors.extend(_check_context_parallel(recipe, arch))
     if p.sequence_parallel:
         _require(p.tp > 1, "parallel.sequence_parallel needs tp > 1", errors)
         _require(
@@ -160,6 +155,50 @@ def validate_layout(recipe: Recipe, arch: ModelArch, world_size: int) -> Layout:
     if errors:
         raise LayoutError(f"invalid parallel layout for world size {world_size}:\n  " + "\n  ".join(errors))
     return Layout(world_size, p.tp, p.pp, p.cp, p.ep, p.etp, dp, expert_dp, p.vpp)
+
+
+# TE 2.12's CP attention (attn_forward_func_with_cp): MLA (k and v head dims differ) only with p2p or
+# a2a+p2p, and a2a+p2p (hierarchical) not with THD batches, which every stage passes.
+CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
+
+
+def _check_context_parallel(recipe: Recipe, arch: ModelArch) -> list[str]:
+    """CP splits every document into 2*CP chunks (training/packing.py pads documents to that
+    multiple), so a row of whole causal sequences must divide evenly; padding makes token counts
+    vary between micro-batches, which two Megatron-Core paths cannot take."""
+    p, t, m = recipe.parallel, recipe.train, recipe.model
+    errors: list[str] = []
+    _require(
+        t.seq_length % (2 * p.cp) == 0,
+        f"seq_length {t.seq_length} is not divisible by 2*cp = {2 * p.cp} (each rank holds 2 of 2*cp chunks)",
+        errors,
+    )
+    _require(
+        p.cp_comm_type in CP_COMM_TYPES,
+        f"parallel.cp_comm_type must be one of {CP_COMM_TYPES}, got {p.cp_comm_type!r}",
+        errors,
+    )
+    if m.backend == "te":
+        _require(
+            p.cp_comm_type == "p2p",
+            f"parallel.cp_comm_type={p.cp_comm_type!r} with model.backend=te: Transformer Engine's CP "
+            "attention takes MLA's unequal q/k (192) and v (128) head dims only with p2p for packed (THD) "
+            "batches",
+            errors,
+        )
+    if m.moe_token_dispatcher == "allgather" and (p.pp > 1 or p.ep > 1):
+        errors.append(
+            f"cp={p.cp} with {'pp' if p.pp > 1 else 'ep'}>1 needs model.moe_token_dispatcher=alltoall (or "
+            "flex): documents padded to multiples of 2*cp make token counts differ between micro-batches, "
+            "which the allgather dispatcher (an equal-size all-gather over EP, no variable_seq_lengths) refuses"
+        )
+    mtp = arch.mtp_num_layers if m.mtp_enabled else 0
+    _require(
+        mtp <= 1,
+        f"cp={p.cp} with {mtp} MTP layers: the MTP loss is normalised exactly under CP for one layer only",
+        errors,
+    )
+    return errors
 
 
 def _check_pp_layout(layout: str, pp: int, vpp: int | None, arch: ModelArch, mtp: bool) -> list[str]:

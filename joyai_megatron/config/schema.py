@@ -41,6 +41,9 @@ class ParallelCfg:
     ep: int = 1
     etp: int = 1  # expert tensor parallel
     cp: int = 1
+    # How TE's CP attention exchanges K/V (te backend): MLA's unequal q/k and v head dims leave
+    # "p2p" (ring) as the one TE 2.12 accepts for packed (THD) batches; the local backend all-gathers.
+    cp_comm_type: str = "p2p"
     sequence_parallel: bool = False
     pp_layout: str | None = None  # e.g. "Et|(tt|)*19mL"
     vpp: int | None = None

@@ -5,16 +5,27 @@ v (MLA has 192 for q/k and 128 for v), rejects packed (THD) sequences and does n
 ``k_channels``/``v_channels`` arguments MLA passes.  This module runs PyTorch's
 ``scaled_dot_product_attention`` instead, which handles unequal head dims, and turns packed
 sequences or per-document masks into one boolean mask so documents never attend to each other.
+
+Context parallelism (CP > 1): each rank holds two chunks of every document
+(``model/context_parallel.py``).  Keys and values are all-gathered over the CP group (Megatron-Core's
+``gather_from_sequence_parallel_region``, whose backward reduce-scatters their gradients back to the
+ranks that own them), and the rank's queries attend to them under the block-causal mask of their
+global positions: exact, with the memory of whole-sequence K/V on every rank (TE's ring attention
+avoids that on GPUs).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from joyai_megatron.model.context_parallel import all_partition_indices, partition_indices, segment_ids
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -51,11 +62,10 @@ class SDPACoreAttention(MegatronModule):
         pg_collection: object | None = None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "context parallelism needs Transformer Engine attention: use model.backend=te "
-                f"(context_parallel_size={config.context_parallel_size})"
-            )
+        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        if cp_group is None and config.context_parallel_size > 1:
+            cp_group = parallel_state.get_context_parallel_group()
+        self.cp_group = cp_group if config.context_parallel_size > 1 else None
         self.attn_mask_type = attn_mask_type
         k_channels = k_channels or config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else k_channels**-0.5
@@ -75,6 +85,8 @@ class SDPACoreAttention(MegatronModule):
     ) -> torch.Tensor:
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by the local core attention")
+        if self.cp_group is not None and self.cp_group.size() > 1:
+            return self._context_parallel(query, key, value, attention_mask, packed_seq_params)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             rows = _equal_segments(packed_seq_params, query.shape[0])
             if rows:
@@ -100,6 +112,50 @@ class SDPACoreAttention(MegatronModule):
         if attention_mask is not None:
             allowed = allowed & ~attention_mask.bool()
         out = self._attend(q, k, v, allowed)
+        b, h, s, dv = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * dv)
+
+    def _context_parallel(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        packed_seq_params: PackedSeqParams | None,
+    ) -> torch.Tensor:
+        """This rank's queries against the K/V of the whole sequence, gathered over the CP group.
+
+        THD ([t/cp, h, d]) with the batch's global ``cu_seqlens``; or ``sbhd`` ([s/cp, b, h, d]), one
+        causal sequence per batch row split the same way (one segment of length ``s``).
+        """
+        group = self.cp_group
+        cp_size, cp_rank = group.size(), group.rank()
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if thd:
+            cu = packed_seq_params.cu_seqlens_q
+        else:
+            if attention_mask is not None:
+                raise ValueError(
+                    "the local CP attention takes no attention_mask; pack the batch (THD) instead"
+                )
+            cu = torch.tensor([0, query.shape[0] * cp_size], device=query.device)
+        # Forward: all-gather along the token dim (rank order); backward: reduce-scatter of dK, dV.
+        key = gather_from_sequence_parallel_region(key, tensor_parallel_output_grad=True, group=group)
+        value = gather_from_sequence_parallel_region(value, tensor_parallel_output_grad=True, group=group)
+        q_pos = partition_indices(cu, cp_size, cp_rank).to(query.device)
+        k_pos = all_partition_indices(cu, cp_size).to(query.device)
+        allowed = (segment_ids(q_pos, cu)[:, None] == segment_ids(k_pos, cu)[None, :]) & (
+            k_pos[None, :] <= q_pos[:, None]
+        )
+        if thd:  # [t, h, d] -> [1, h, t, d]
+            q, k, v = (x.unsqueeze(0).transpose(1, 2) for x in (query, key, value))
+            out = self._attend(q, k, v, allowed[None, None])
+            return out.squeeze(0).transpose(0, 1).contiguous()  # [t, h, dv]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, h, s, d]
+        if k.shape[1] != q.shape[1]:  # grouped-query attention
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = self._attend(q, k, v, allowed[None, None])
         b, h, s, dv = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * dv)
 

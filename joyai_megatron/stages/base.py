@@ -52,6 +52,9 @@ class Stage(ABC):
     # Parameter-name substrings the stage never trains (e.g. "mtp." for DPO): the trainer freezes
     # them before DDP, so they keep their loaded values and get no gradient buffer or optimizer state.
     frozen_parameters: tuple[str, ...] = ()
+    # Whether forward_step splits its packed micro-batch over CP ranks
+    # (training.packing.split_for_context_parallel) and its loss is exact under that split.
+    supports_context_parallel = False
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe

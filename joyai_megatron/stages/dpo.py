@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from joyai_megatron.stages.base import Stage
 from joyai_megatron.stages.logprobs import forward_token_nll, segment_logps
@@ -36,7 +38,7 @@ from joyai_megatron.stages.reference import (
 from joyai_megatron.stages.sampling import ShuffledBlend
 from joyai_megatron.training import checkpoint as ckpt
 from joyai_megatron.training.distributed import current_device
-from joyai_megatron.training.packing import pack_batch
+from joyai_megatron.training.packing import PackedBatch, pack_batch, split_for_context_parallel
 
 LOSS_TYPES = ("sigmoid", "ipo")
 REFERENCE_MODES = ("live", "precomputed")
@@ -134,6 +136,7 @@ def _mean_entry(values: torch.Tensor) -> torch.Tensor:
 
 class DPOStage(Stage):
     name = "dpo"
+    supports_context_parallel = True
     uses_mtp_loss = False
     frozen_parameters = ("mtp.",)
 
@@ -233,7 +236,8 @@ class DPOStage(Stage):
         return batches
 
     # --- forward --------------------------------------------------------------------------------------
-    def _forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> torch.Tensor:
+    def _forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> tuple[torch.Tensor, PackedBatch]:
+        """Main-head ``-log p`` of this rank's tokens, and the packed batch they belong to."""
         rows, length = batch["tokens"].shape
         offsets = (torch.arange(rows, dtype=torch.int32) * length)[:, None]
         cu = torch.unique_consecutive(
@@ -246,32 +250,64 @@ class DPOStage(Stage):
         )
         packed = pack_batch(
             batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"], cu_seqlens=cu
-        ).to(current_device())
-        padding = (batch["segment"] == PADDING).reshape(1, -1).to(packed.tokens.device)
-        return forward_token_nll(
-            model, packed.tokens, packed.position_ids, packed.labels, packed.packed_seq_params, padding
         )
+        packed = split_for_context_parallel(packed, sequence_parallel=self.recipe.parallel.sequence_parallel)
+        padding = packed.local(batch["segment"] == PADDING, True)  # CP's own padding is padding too
+        device = packed.to(current_device())
+        token_nll = forward_token_nll(
+            model,
+            device.tokens,
+            device.position_ids,
+            device.labels,
+            device.packed_seq_params,
+            padding.to(device.tokens.device),
+            cp_padding=packed.padding_mask(device.tokens.device),
+        )
+        return token_nll, packed
+
+    def _pair_logps(
+        self, token_nll: torch.Tensor, batch: dict[str, torch.Tensor], packed: PackedBatch | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[rows, 2]`` summed ``log p`` of each pair's chosen and rejected response tokens, and
+        their token counts.  Under context parallelism each rank sums its own tokens and the sums
+        are all-reduced over the CP group with an identity backward: every rank then computes the
+        same pair losses and differentiates them through its own tokens only, so the gradients the
+        DDP reduction adds up over CP ranks are those of one process."""
+        if packed is None or packed.source is None:
+            return segment_logps(token_nll, batch["loss_mask"], batch["segment"], 2)
+        rows = batch["segment"].shape[0]
+        pair = torch.arange(rows)[:, None] * 2 + batch["segment"]
+        ids = torch.where(batch["segment"] < PADDING, pair, rows * 2)  # rows * 2: ignored
+        logps, tokens = segment_logps(
+            token_nll.reshape(1, -1), packed.local(batch["loss_mask"]), packed.local(ids, rows * 2), rows * 2
+        )
+        group = parallel_state.get_context_parallel_group()
+        logps = reduce_from_tensor_model_parallel_region(logps.reshape(rows, 2), group=group)
+        tokens = reduce_from_tensor_model_parallel_region(tokens.reshape(rows, 2), group=group)
+        return logps, tokens
 
     def _reference_step(self, data_iterator: Iterator, model: torch.nn.Module):
         batch = next(data_iterator)
+        token_nll, packed = self._forward(batch, model)
 
         def loss(token_nll: torch.Tensor):
-            logps, _ = segment_logps(token_nll, batch["loss_mask"], batch["segment"], 2)
+            logps, _ = self._pair_logps(token_nll, batch, packed)
             zero = torch.zeros((), device=logps.device)
             count = torch.tensor(logps.shape[0], dtype=torch.int, device=logps.device)
             return zero, count, {"ref_logps": logps.detach()}
 
-        return self._forward(batch, model), loss
+        return token_nll, loss
 
     def forward_step(self, data_iterator: Iterator, model: torch.nn.Module):
         batch = next(data_iterator)
-        return self._forward(batch, model), partial(self._loss, batch)
+        token_nll, packed = self._forward(batch, model)
+        return token_nll, partial(self._loss, batch, packed=packed)
 
-    def _loss(self, batch: dict[str, torch.Tensor], token_nll: torch.Tensor):
+    def _loss(self, batch: dict[str, torch.Tensor], token_nll: torch.Tensor, packed: PackedBatch | None = None):
         if "ref_logps" not in batch:
             raise RuntimeError("DPO batch has no reference log-probs (dpo.reference setup did not run)")
         p = self.recipe.dpo
-        logps, tokens = segment_logps(token_nll, batch["loss_mask"], batch["segment"], 2)
+        logps, tokens = self._pair_logps(token_nll, batch, packed)
         ref = batch["ref_logps"].to(logps)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], tokens[:, 0], tokens[:, 1],
@@ -295,4 +331,9 @@ class DPOStage(Stage):
             }
         )
         # Summed over pairs, counted in pairs: Megatron divides by the global batch's pair count.
-        return losses.sum(), torch.tensor(losses.numel(), dtype=torch.int, device=losses.device), metrics
+        # Under CP every rank holds the same pair losses: one rank counts the pairs and reports them.
+        first = parallel_state.get_context_parallel_rank() == 0
+        count = torch.tensor(losses.numel() if first else 0, dtype=torch.int, device=losses.device)
+        if not first:
+            metrics = {k: torch.zeros_like(v) for k, v in metrics.items()}
+        return losses.sum(), count, metrics

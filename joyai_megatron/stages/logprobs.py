@@ -69,12 +69,19 @@ def forward_token_nll(
     labels: torch.Tensor,
     packed_seq_params: Any,
     padding_mask: torch.Tensor | None = None,
+    cp_padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Main-head ``-log p`` per token on the last pipeline stage (hidden states elsewhere).
 
     ``padding_mask`` (True on filler tokens, shaped like ``tokens``) keeps padding out of the MoE
-    routers' load counts, which drive the aux-loss-free expert bias.
+    routers' load counts, which drive the aux-loss-free expert bias.  ``cp_padding`` (True on the
+    padding the context-parallel split added, ``PackedBatch.padding_mask``) is always kept out, so
+    the loads are those of one process (``compat/router.py`` makes that work with the expert bias).
     """
+    if _expert_bias(model):
+        padding_mask = None
+    if cp_padding is not None:
+        padding_mask = cp_padding if padding_mask is None else padding_mask | cp_padding
     with mtp_skipped(model):
         return model(
             tokens,
@@ -85,8 +92,9 @@ def forward_token_nll(
             # Megatron-Core 0.19.2's router._apply_expert_bias does `routing_map & ~padding_mask`
             # with shapes [tokens, experts] and [tokens], which cannot broadcast: with the
             # aux-loss-free expert bias a padding mask crashes the forward.  Until that is fixed
-            # upstream, padding tokens count in the routers' load statistics (~1% of tokens).
-            padding_mask=stage_padding_mask(model, padding_mask) if not _expert_bias(model) else None,
+            # upstream, padding tokens count in the routers' load statistics (~1% of tokens), as
+            # they do at CP=1 (``cp_padding`` above keeps CP runs equal to that).
+            padding_mask=stage_padding_mask(model, padding_mask),
             output_processor=token_nll_processor,
         )
 

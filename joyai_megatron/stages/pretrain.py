@@ -12,8 +12,9 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from joyai_megatron.stages.base import Stage
+from joyai_megatron.stages.logprobs import stage_padding_mask
 from joyai_megatron.training.distributed import current_device
-from joyai_megatron.training.packing import pack_batch
+from joyai_megatron.training.packing import pack_batch, split_for_context_parallel
 from joyai_megatron.training.tokenizer import HFTokenizer
 
 
@@ -74,6 +75,7 @@ def check_split_not_empty(config: GPTDatasetConfig, sizes: list[int], split: str
 
 class PretrainStage(Stage):
     name = "pretrain"
+    supports_context_parallel = True
 
     def build_datasets(self, train_samples: int, valid_samples: int) -> dict[str, Any]:
         d, t = self.recipe.data, self.recipe.train
@@ -109,6 +111,7 @@ class PretrainStage(Stage):
             # One segment per row: positions never restart inside it.
             position_ids = torch.arange(position_ids.shape[-1]).expand_as(position_ids)
         packed = pack_batch(batch["tokens"], batch["labels"], batch["loss_mask"], position_ids)
+        packed = split_for_context_parallel(packed, sequence_parallel=self.recipe.parallel.sequence_parallel)
         packed = packed.to(current_device())
         output = model(
             packed.tokens,
@@ -117,6 +120,7 @@ class PretrainStage(Stage):
             labels=packed.labels,
             loss_mask=packed.loss_mask,
             packed_seq_params=packed.packed_seq_params,
+            padding_mask=stage_padding_mask(model, packed.padding_mask(current_device())),
         )
         return output, partial(token_loss, packed.loss_mask)
 

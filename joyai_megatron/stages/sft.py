@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 from joyai_megatron.stages.base import Stage
+from joyai_megatron.stages.logprobs import stage_padding_mask
 from joyai_megatron.stages.pretrain import check_vocab, token_loss
 from joyai_megatron.stages.sampling import ShuffledBlend
 from joyai_megatron.training import checkpoint as ckpt
 from joyai_megatron.training.distributed import current_device
-from joyai_megatron.training.packing import pack_batch
+from joyai_megatron.training.packing import pack_batch, split_for_context_parallel
 from joyai_megatron.training.tokenizer import HFTokenizer
 
 ROW_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -72,6 +73,7 @@ def collate_packed_rows(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Te
 
 class SFTStage(Stage):
     name = "sft"
+    supports_context_parallel = True
 
     def _check_tokenizer(self, datasets: list[tuple[str, Any]]) -> None:
         """The files must come from one tokenizer, the recipe's if it names one."""
@@ -139,7 +141,9 @@ class SFTStage(Stage):
             batch["loss_mask"],
             batch["position_ids"],
             cu_seqlens=batch["cu_seqlens"],
-        ).to(current_device())
+        )
+        packed = split_for_context_parallel(packed, sequence_parallel=self.recipe.parallel.sequence_parallel)
+        packed = packed.to(current_device())
         output = model(
             packed.tokens,
             packed.position_ids,
@@ -147,5 +151,6 @@ class SFTStage(Stage):
             labels=packed.labels,
             loss_mask=packed.loss_mask,
             packed_seq_params=packed.packed_seq_params,
+            padding_mask=stage_padding_mask(model, packed.padding_mask(current_device())),
         )
         return output, partial(token_loss, packed.loss_mask)

@@ -215,6 +215,7 @@ class ActivationSetting:
     recompute: str  # none | selective | full
     modules: frozenset[str]  # selective recompute modules
     local_attention: bool  # local backend: SDPA with a [T, T] mask instead of flash attention
+    cp: int = 1  # context-parallel size: attention reads the K/V of all cp ranks
 
     def drops(self, module: str) -> bool:
         return self.recompute == "selective" and module in self.modules
@@ -236,8 +237,30 @@ def attention_activation(arch: ModelArch, s: ActivationSetting) -> float:
     per_token += heads * arch.v_head_dim * b / s.tp  # attention output (input of linear_proj)
     total = per_token * s.tokens
     if s.local_attention and not s.drops("core_attn"):
-        total += s.tokens * s.tokens  # the boolean block-causal mask SDPA keeps for backward
+        total += s.tokens * s.tokens * s.cp  # the boolean block-causal mask SDPA keeps for backward
+    if s.cp > 1 and not s.drops("core_attn"):
+        if s.local_attention:  # K/V all-gathered over the CP group, kept by SDPA for backward
+            total += s.cp * local_kv_bytes(arch, s)
+        else:  # TE's p2p ring keeps the last K/V step it received and fp32 softmax statistics
+            total += local_kv_bytes(arch, s) + s.tokens * heads / s.tp * 4
     return total
+
+
+def local_kv_bytes(arch: ModelArch, s: ActivationSetting) -> float:
+    """One CP rank's keys and values (``T`` tokens, this TP rank's heads) entering core attention."""
+    qk = arch.qk_head_dim + arch.qk_pos_emb_head_dim
+    return s.tokens * arch.num_attention_heads * (qk + arch.v_head_dim) * s.act_bytes / s.tp
+
+
+def cp_attention_transient(arch: ModelArch, s: ActivationSetting) -> float:
+    """Context-parallel attention buffers alive while one layer runs (the working set): TE's p2p
+    ring holds every K/V step it received until the layer's forward ends (cp copies of the rank's
+    K/V) and two K/V + dK/V double buffers in backward (4 copies); the local backend's backward
+    holds dK/dV of the gathered keys (cp copies) before reduce-scattering them."""
+    if s.cp == 1:
+        return 0.0
+    copies = s.cp if s.local_attention else max(s.cp, 4)
+    return copies * local_kv_bytes(arch, s)
 
 
 def dense_mlp_activation(arch: ModelArch, s: ActivationSetting) -> float:
@@ -301,6 +324,8 @@ def chunk_activation(arch: ModelArch, chunk: Chunk, s: ActivationSetting, group:
         saved += chunk.mtp * mtp_activation(arch, s)
     if chunk.mtp:
         working = max(working, mtp_activation(arch, full))
+    if chunk.layers or chunk.mtp:
+        working += cp_attention_transient(arch, s)
     if chunk.loss:
         saved += logits_activation(arch, s, 1 + chunk.mtp)
         working += s.tokens * arch.vocab_size / s.tp * s.act_bytes
@@ -373,6 +398,7 @@ def estimate(recipe: Recipe, arch: ModelArch, layout: Layout) -> list[StageEstim
     grid = pipeline_chunks(recipe, arch)
     act_bytes = _DTYPE_BYTES[recipe.precision.dtype]
     setting = ActivationSetting(
+        # CP pads each document to a multiple of 2*cp (at most 2*cp-1 tokens per document): not counted.
         tokens=t.micro_batch_size * t.seq_length // p.cp,
         act_bytes=act_bytes,
         tp=p.tp,
@@ -381,6 +407,7 @@ def estimate(recipe: Recipe, arch: ModelArch, layout: Layout) -> list[StageEstim
         recompute=recipe.model.recompute,
         modules=frozenset(recipe.model.recompute_modules),
         local_attention=recipe.model.backend == "local",
+        cp=p.cp,
     )
     microbatches = max(t.global_batch_size // (t.micro_batch_size * layout.dp), 1)
     stages = []

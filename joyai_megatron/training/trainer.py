@@ -34,7 +34,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-from joyai_megatron.config.layout import validate_layout
+from joyai_megatron.config.layout import LayoutError, validate_layout
 from joyai_megatron.config.recipe import save_resolved_recipe
 from joyai_megatron.config.schema import Recipe
 from joyai_megatron.model.build import build_joyai_model
@@ -67,6 +67,11 @@ class Trainer:
         self.arch = recipe_arch(recipe)
         env = read_dist_env()
         self.layout = validate_layout(recipe, self.arch, env.world_size)  # before any process group
+        if self.layout.cp > 1 and not stage.supports_context_parallel:
+            raise LayoutError(
+                f"parallel.cp={self.layout.cp}: the {stage.name} stage does not split its batches over "
+                "context-parallel ranks (pretrain, sft and dpo do); use parallel.cp=1"
+            )
         stage.check_recipe(recipe)  # the stage's keys and files, also before any process group
         if recipe.model.backend == "te":
             require_transformer_engine()
@@ -395,7 +400,7 @@ class Trainer:
             where = f"resumed from {self.resumed_from}" if self.resumed_from else "from scratch"
             print(
                 f"[{r.stage}] {r.name}: {self.total_iters} steps, layout tp={self.layout.tp} pp={self.layout.pp} "
-                f"ep={self.layout.ep} dp={self.layout.dp}, {where} at step {self.state.iteration}",
+                f"cp={self.layout.cp} ep={self.layout.ep} dp={self.layout.dp}, {where} at step {self.state.iteration}",
                 flush=True,
             )
         start_time = time.time()

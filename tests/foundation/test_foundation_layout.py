@@ -35,8 +35,20 @@ CASES = [
     (
         "sequence_vs_cp",
         2,
-        ["parallel.cp=2", "train.seq_length=130", "model.backend=te"],
+        ["parallel.cp=2", "train.seq_length=130"],
         ["seq_length 130 is not divisible by 2*cp = 4"],
+    ),
+    (
+        "te_cp_comm_type_for_mla",
+        2,
+        ["parallel.cp=2", "model.backend=te", "parallel.cp_comm_type=a2a"],
+        ["parallel.cp_comm_type='a2a' with model.backend=te", "only with p2p"],
+    ),
+    (
+        "cp_ep_allgather",
+        4,
+        ["parallel.cp=2", "parallel.ep=2"],
+        ["cp=2 with ep>1 needs model.moe_token_dispatcher=alltoall"],
     ),
     ("sp_without_tp", 1, ["parallel.sequence_parallel=true"], ["sequence_parallel needs tp > 1"]),
     (
@@ -119,4 +131,21 @@ def test_te_backend_without_transformer_engine_is_a_clear_error(fake_world, tmp_
     message = str(err.value)
     assert "model.backend=te needs Transformer Engine" in message
     assert "model.backend=local" in message
+    assert not dist.is_initialized()
+
+
+def test_context_parallel_layouts(fake_world, tmp_path: Path) -> None:
+    """CP runs on both backends (the local one all-gathers K/V); a stage that does not split its
+    batches over CP ranks is refused by name before any process group."""
+    from joyai_megatron.stages.rl import RLStage
+
+    layout = validate_layout(load_tiny(tmp_path, "parallel.cp=2"), TINY, 4)
+    assert (layout.cp, layout.dp) == (2, 2)
+    te = load_tiny(tmp_path, "parallel.cp=2", "model.backend=te", "model.moe_token_dispatcher=alltoall")
+    assert validate_layout(te, TINY, 2).cp == 2  # p2p, the default cp_comm_type
+    assert validate_layout(load_tiny(tmp_path, "parallel.cp=2", "parallel.ep=2",
+                                     "model.moe_token_dispatcher=alltoall"), TINY, 4).ep == 2  # fmt: skip
+    fake_world(2)
+    with pytest.raises(LayoutError, match="the rl stage does not split its batches over context-parallel"):
+        Trainer(load_tiny(tmp_path, "parallel.cp=2"), RLStage)
     assert not dist.is_initialized()

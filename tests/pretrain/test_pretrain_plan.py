@@ -4,6 +4,7 @@ stage split, the memory terms against independent computations, and the command'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -206,6 +207,26 @@ def test_48b_default_layout_fits_80gb(capsys: pytest.CaptureFixture) -> None:
     assert step["seconds"] == pytest.approx(
         step["flops_per_token"] * tokens / (256 * 0.35 * 989e12), rel=1e-9
     )
+
+
+@pytest.mark.parametrize(("stage", "cp"), [("stage4_64k", 4), ("stage4_128k", 8)])
+def test_stage4_counts_the_context_parallel_attention(stage: str, cp: int) -> None:
+    """Stage 4 splits each sequence over CP ranks (training/packing.py): 16,384 tokens per GPU, and
+    TE's p2p ring adds to a layer's working set every K/V step it receives (max(cp, 4) copies of
+    the rank's K/V) and keeps one received step plus fp32 softmax statistics for backward."""
+    recipe, arch, layout = _layout(f"recipes/pretrain/joyai_48b_a3b/{stage}.yaml", 256)
+    assert (layout.cp, layout.dp, recipe.parallel.cp_comm_type, recipe.model.backend) == (cp, 256 // (2 * cp), "p2p", "te")
+    tokens = recipe.train.seq_length // cp
+    assert tokens == 16384
+    s = plan.ActivationSetting(tokens, 2, 1, 1, False, "full", frozenset(), False, cp=cp)
+    kv = tokens * arch.num_attention_heads * (192 + 128) * 2  # MLA q/k 192, v 128, bf16
+    assert plan.local_kv_bytes(arch, s) == kv
+    chunk = plan.pipeline_chunks(recipe, arch)[1][0]  # 19 layers + MTP + head
+    with_cp = plan.chunk_activation(arch, chunk, s, 1)
+    without = plan.chunk_activation(arch, chunk, dataclasses.replace(s, cp=1), 1)
+    assert with_cp[0] == without[0]  # full recompute: only layer inputs are saved
+    lse = tokens * arch.num_attention_heads * 4
+    assert with_cp[1] - without[1] == pytest.approx(max(cp, 4) * kv + kv + lse, rel=1e-12)
 
 
 @pytest.mark.parametrize("stage", ["stage2", "stage3", "stage4_64k", "stage4_128k"])

@@ -261,6 +261,9 @@ LAYOUTS = {
     "tp2_sp_live": ["parallel.tp=2", "parallel.sequence_parallel=true", "dpo.reference=live"],
     "pp2_live": ["parallel.pp=2", "parallel.pp_layout=Et|ttmL", "dpo.reference=live"],
     "ep2_dp2_precomputed": ["parallel.ep=2", "dpo.reference=precomputed"],
+    # Context parallelism: each pair's chosen/rejected/padding segments split over 2 ranks, the
+    # per-pair log-prob sums all-reduced over CP (stages/dpo.py, _pair_logps).
+    "cp2_live": ["parallel.cp=2", "dpo.reference=live"],
 }
 
 
@@ -276,7 +279,8 @@ def test_layouts_match_single_process(
 ) -> None:
     """2 gloo ranks: vocab-parallel log-probs with the sequence-parallel padding mask (TP=2), the
     reference run through the pipeline schedule (PP=2), the precomputation split over data-parallel
-    ranks (DP=2): the same losses and rewards as one process, to fp32 rounding."""
+    ranks (DP=2), pairs split over context-parallel ranks (CP=2): the same losses and rewards as
+    one process, to fp32 rounding."""
     from joyai_helpers import read_metrics, run_joyai
 
     overrides = [
@@ -299,6 +303,10 @@ def test_layouts_match_single_process(
         mine, ref = [m[key] for m in got], [h[key] for h in expected]
         np.testing.assert_allclose(mine[0], ref[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(mine[1], ref[1], rtol=5e-5, atol=2e-4)
+    if layout.startswith("cp"):
+        # The pair count comes from one CP rank: counted on every rank it would scale the gradient
+        # by 1/cp, which the Muon/Adam updates hide but the step-1 gradient norm shows.
+        np.testing.assert_allclose(got[0]["grad_norm"], expected[0]["grad_norm"], rtol=1e-4)
     if "precomputed" in layout:
         mine = torch.load(tmp_path / "ckpt" / "reference_logps.pt", weights_only=True)["values"]["train"]
         ref = torch.load(
