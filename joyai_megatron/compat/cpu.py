@@ -108,10 +108,41 @@ def cuda_device_as_cpu() -> contextlib.AbstractContextManager[None]:
     return redirect_cuda_device("cpu")
 
 
-def _redirected(fn: Callable) -> Callable:
+_type_depth = 0
+
+
+@contextlib.contextmanager
+def cuda_type_names() -> Iterator[None]:
+    """Inside this block a CPU tensor's ``.type()`` (no argument) answers with the name of its CUDA
+    counterpart (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``): for upstream code that picks
+    its fp32/fp16 branch by comparing type strings.  Conversions (``.type(dtype)``) are untouched."""
+    global _type_depth
+    with _lock:
+        if _type_depth == 0:
+            original = torch.Tensor.type
+            _saved["tensor_type"] = original
+
+            def type_name(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                name = original(self, *args, **kwargs)
+                if args or kwargs or self.device.type != "cpu":
+                    return name
+                return name.replace("torch.", "torch.cuda.", 1)
+
+            torch.Tensor.type = type_name  # type: ignore[method-assign]
+        _type_depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _type_depth -= 1
+            if _type_depth == 0:
+                torch.Tensor.type = _saved.pop("tensor_type")  # type: ignore[method-assign]
+
+
+def _redirected(fn: Callable, type_names: bool = False) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with cuda_device_as_cpu():
+        with cuda_device_as_cpu(), cuda_type_names() if type_names else contextlib.nullcontext():
             return fn(*args, **kwargs)
 
     wrapper.__joyai_cpu_redirect__ = True  # type: ignore[attr-defined]
@@ -164,6 +195,13 @@ _SITES: list[tuple[str, str, str]] = [
     # when scheduling; l.224 and l.698 completion flags on the current device when finalising.
     ("megatron.core.dist_checkpointing.strategies.async_utils", "AsyncCallsQueue.schedule_async_request", "268-273"),
     ("megatron.core.dist_checkpointing.strategies.async_utils", "AsyncCallsQueue.maybe_finalize_async_calls", "224,698"),
+    # distrib_optimizer.py l.1362 `torch.cuda.current_device()`, l.1374 `.cuda()`: ZeRO-1's
+    # model-space checkpoint (``fully_reshardable``) gathers every shard on the current device.
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.get_parameter_state_dp_zero",
+        "1362-1374",
+    ),
     # layer_wise_optimizer.py l.837: the same flag in the layer-wise (distributed Muon) optimizer.
     (
         "megatron.core.optimizer.layer_wise_optimizer",
@@ -178,6 +216,18 @@ _SITES: list[tuple[str, str, str]] = [
     ("megatron.core.optimizer.optimizer", "count_zeros_fp32", "231"),
     ("megatron.core.optimizer.layer_wise_optimizer", "get_grad_norm_fp32", "96-112"),
     ("megatron.core.optimizer.layer_wise_optimizer", "count_zeros_fp32", "231"),
+]
+
+# Sites that also pick their fp32 branch by type string (``param.type() == 'torch.cuda.FloatTensor'``):
+# they run with both the device redirect and :func:`cuda_type_names`.
+_TYPE_NAME_SITES: list[tuple[str, str, str]] = [
+    # ZeRO-1 (distrib_optimizer.py): __init__ builds MixedPrecisionOptimizer's flags with
+    # device='cuda' (optimizer.py l.698-705) and its shard groups by type string (l.401, l.466, l.758).
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.__init__",
+        "401,466,758; optimizer.py:698-705",
+    ),
 ]
 
 # Sites in optional packages, patched only once their module has been imported (importing ModelOpt
@@ -259,11 +309,12 @@ def apply_cpu_redirects(force: bool = False) -> bool:
         return True
     if torch.cuda.is_available() and not force:
         return False
-    for module_name, path, _lines in _SITES:
-        owner, attr = _resolve(module_name, path)
-        original = getattr(owner, attr)
-        if not getattr(original, "__joyai_cpu_redirect__", False):
-            setattr(owner, attr, _redirected(original))
+    for sites, type_names in ((_SITES, False), (_TYPE_NAME_SITES, True)):
+        for module_name, path, _lines in sites:
+            owner, attr = _resolve(module_name, path)
+            original = getattr(owner, attr)
+            if not getattr(original, "__joyai_cpu_redirect__", False):
+                setattr(owner, attr, _redirected(original, type_names))
     for module_name, path, replacement in _REPLACEMENTS:
         owner, attr = _resolve(module_name, path)
         if not hasattr(owner, attr):
@@ -286,4 +337,4 @@ def _apply_optional_sites() -> None:
 
 def redirect_sites() -> list[tuple[str, str, str]]:
     """The patched upstream functions, for tests and docs."""
-    return list(_SITES) + list(_OPTIONAL_SITES)
+    return list(_SITES) + list(_TYPE_NAME_SITES) + list(_OPTIONAL_SITES)

@@ -17,11 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.num_microbatches_calculator import (
     destroy_num_microbatches_calculator,
     get_current_global_batch_size,
@@ -47,6 +43,7 @@ from joyai_megatron.optim.builder import build_optimizer
 from joyai_megatron.optim.schedule import build_scheduler, tokens_to_samples
 from joyai_megatron.stages.base import Stage
 from joyai_megatron.training import checkpoint as ckpt
+from joyai_megatron.training.ddp import wrap_in_ddp
 from joyai_megatron.training.distributed import init_distributed, init_model_parallel, read_dist_env, set_seed
 from joyai_megatron.training.metrics import MetricsLogger, interval_means
 from joyai_megatron.training.signals import ExitSignalHandler
@@ -131,7 +128,6 @@ class Trainer:
     def _build_model(self) -> list[torch.nn.Module]:
         chunks = []
         vpp = self.layout.vpp or 1
-        p = self.recipe.parallel
         for i in range(vpp):
             vp_stage = i if self.layout.vpp else None
             model = build_joyai_model(
@@ -157,19 +153,14 @@ class Trainer:
                 model.cuda(torch.cuda.current_device())  # gpu-only
             if self.config.bf16 or self.config.fp16:
                 model = Float16Module(self.config, model)
-            muon = self.recipe.optim.optimizer == "muon"
-            ddp_config = DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True,
-                overlap_grad_reduce=p.overlap_grad_reduce,
-                overlap_param_gather=p.overlap_param_gather,
-                use_distributed_optimizer=p.distributed_optimizer and self.env.world_size > 1 and not muon,
-                average_in_collective=False,
-            )
-            chunks.append(
-                DistributedDataParallel(
-                    config=self.config, ddp_config=ddp_config, module=model, disable_bucketing=i > 0
-                )
-            )
+            chunks.append(model)
+        chunks = wrap_in_ddp(
+            chunks,
+            self.config,
+            self.recipe.parallel,
+            optimizer=self.recipe.optim.optimizer,
+            world_size=self.env.world_size,
+        )
         for chunk in chunks:
             chunk.broadcast_params()
         return chunks
