@@ -48,8 +48,19 @@ def _redirect_factory(fn: Callable, target: str) -> Callable:
     return wrapper
 
 
+class _NullEvent:
+    """A recorded event on the CPU: the work before it has already happened."""
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, stream: Any = None) -> None:
+        del stream
+
+
 class _NullStream:
-    """Stands in for ``torch.cuda.current_stream()`` on the CPU, where work is synchronous."""
+    """Stands in for ``torch.cuda.current_stream()`` and ``torch.cuda.Stream()`` on the CPU, where
+    work is synchronous (one object: every stream is the same one)."""
 
     def wait_event(self, event: Any) -> None:
         del event
@@ -59,6 +70,10 @@ class _NullStream:
 
     def synchronize(self) -> None:
         return None
+
+    def record_event(self, event: Any = None) -> _NullEvent:
+        del event
+        return _NullEvent()
 
 
 _NULL_STREAM = _NullStream()
@@ -84,6 +99,10 @@ def redirect_cuda_device(target: str = "cpu") -> Iterator[None]:
             torch.cuda.current_stream = lambda *a, **k: _NULL_STREAM  # type: ignore[assignment]
             _saved["synchronize"] = torch.cuda.synchronize
             torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+            _saved["Stream"] = torch.cuda.Stream
+            torch.cuda.Stream = lambda *a, **k: _NULL_STREAM  # type: ignore[assignment,misc]
+            _saved["stream"] = torch.cuda.stream
+            torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
             _saved["tensor_cuda"] = torch.Tensor.cuda
             torch.Tensor.cuda = lambda self, *a, **k: self.to(target)  # type: ignore[method-assign]
             for name in _FACTORIES:
@@ -99,6 +118,8 @@ def redirect_cuda_device(target: str = "cpu") -> Iterator[None]:
                 torch.cuda.current_device = _saved.pop("current_device")
                 torch.cuda.current_stream = _saved.pop("current_stream")
                 torch.cuda.synchronize = _saved.pop("synchronize")
+                torch.cuda.Stream = _saved.pop("Stream")  # type: ignore[misc]
+                torch.cuda.stream = _saved.pop("stream")
                 torch.Tensor.cuda = _saved.pop("tensor_cuda")  # type: ignore[method-assign]
                 for name in _FACTORIES:
                     setattr(torch, name, _saved.pop(name))
@@ -195,6 +216,15 @@ _SITES: list[tuple[str, str, str]] = [
     # when scheduling; l.224 and l.698 completion flags on the current device when finalising.
     ("megatron.core.dist_checkpointing.strategies.async_utils", "AsyncCallsQueue.schedule_async_request", "268-273"),
     ("megatron.core.dist_checkpointing.strategies.async_utils", "AsyncCallsQueue.maybe_finalize_async_calls", "224,698"),
+    # token_dispatcher.py, the alltoall dispatcher (what the 48B recipes use): l.468-469 create a
+    # `torch.cuda.Stream()` for device-to-host copies of the split sizes; l.921-943 copy on it
+    # (`torch.cuda.stream`, `current_stream()`, `record_event()`) and l.947 wait for the event.
+    ("megatron.core.transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher.__init__", "468-469"),
+    (
+        "megatron.core.transformer.moe.token_dispatcher",
+        "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
+        "921-947",
+    ),
     # distrib_optimizer.py l.1362 `torch.cuda.current_device()`, l.1374 `.cuda()`: ZeRO-1's
     # model-space checkpoint (``fully_reshardable``) gathers every shard on the current device.
     (
@@ -283,12 +313,25 @@ def _tracker_add_cpu(self: Any, name: str, seed: int) -> None:
     self.states_[name] = generator.get_state()
 
 
+def _maybe_move_tensor_to_cpu_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """Replaces moe_utils.py ``maybe_move_tensor_to_cpu`` (l.1169-1191), which converts only CUDA
+    tensors (``if ... tensor.is_cuda``): on the CPU the alltoall dispatcher's split sizes stayed
+    tensors, which ``all_to_all_single`` rejects as split sizes.  Same result as the CUDA path: a
+    host copy, as a numpy array when asked."""
+    del record_stream
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy().copy()
+    return tensor
+
+
 _REPLACEMENTS: list[tuple[str, str, Callable]] = [
     ("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker.add", _tracker_add_cpu),
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu),
     # optimizer.py imports the function by name, so its reference is replaced too.
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu),
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _get_rng_state_cpu),
+    # token_dispatcher.py imports it by name (l.39) and calls it at l.927-943.
+    ("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu_cpu),
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _set_rng_state_cpu),
 ]
 
