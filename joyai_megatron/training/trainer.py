@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -337,10 +338,7 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=batch_size)
-        if self.config.qk_clip:
-            from megatron.core.optimizer.qk_clip import clip_qk
-
-            clip_qk(self.model)
+        max_logit = self.clip_qk() if self.config.qk_clip else None
         self.state.iteration += 1
         self.state.consumed_samples += batch_size
         tokens = batch_size * self.recipe.train.seq_length
@@ -356,12 +354,26 @@ class Trainer:
         if mtp is not None:
             values["mtp_loss"] = mtp
         values["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        if max_logit is not None:
+            values["max_attention_logit"] = max_logit
         values["lr"] = max(g["lr"] for g in self.optimizer.param_groups)
         values["global_batch_size"] = float(batch_size)
         values["consumed_tokens"] = float(self.state.consumed_tokens)
         values.update(self._moe_stats())
         values.update({f"stage/{k}": v for k, v in self.stage.log_metrics().items()})
         return values
+
+    def clip_qk(self) -> float:
+        """MuonClip after the optimizer step: Megatron-Core's ``clip_qk`` rescales the query and key
+        up-projections of every decoder attention layer whose largest logit of the step exceeded
+        ``model.qk_clip_threshold``; returns that largest logit (over DP ranks, this PP stage).
+
+        ``clip_qk`` reaches the layers as ``chunk.module.module`` (DDP, then Float16Module); an
+        FP32 model has no Float16Module, so it gets a stand-in for that level."""
+        from megatron.core.optimizer.qk_clip import clip_qk
+
+        chunks = [c if isinstance(c.module, Float16Module) else SimpleNamespace(module=c) for c in self.model]
+        return clip_qk(chunks)
 
     def evaluate(self) -> dict[str, float]:
         t = self.recipe.train
