@@ -28,7 +28,7 @@ every machine and act only in the case they name.
    update unchanged.  Loading the model-space format then copies every tensor of a parameter's
    torch state from the checkpoint (``_set_main_param_and_optimizer_states``, l.1216-1224), torch's
    per-parameter ``step`` tensor included, which the loader never provides (it skips ``step`` at
-   l.2391; ``load_state_dict`` restores it from the param groups): the patch marks it absent, so
+   l.2390; ``load_state_dict`` restores it from the param groups): the patch marks it absent, so
    that copy skips it as upstream skips non-tensor entries.  With FP32 parameters the main
    ``param`` is marked absent too when the checkpoint has none (written without ZeRO-1): it is a
    view of the weight itself, which the model load has already filled.  Last, ``load_state_dict``
@@ -176,7 +176,7 @@ _PATCHES = (
         distrib_optimizer.DistributedOptimizer,
         "_set_main_param_and_optimizer_states",
         _skip_absent_states,
-        "distrib_optimizer.py:1216-1224,2391",
+        "distrib_optimizer.py:1216-1224,2390",
     ),
     (
         distrib_optimizer.DistributedOptimizer,

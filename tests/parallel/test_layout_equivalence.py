@@ -1,8 +1,8 @@
 """The 48B recipes' parallel settings on 2 gloo processes match a single process (fp32).
 
 Every multi-rank run uses what the production recipes set: the distributed optimizer (ZeRO-1:
-layer-wise Muon for the matrices, Megatron's DistributedOptimizer for AdamW's parameters) and the
-alltoall token dispatcher; the single-process reference has neither (one rank, allgather), so each
+layer-wise Muon for the matrices, Megatron's DistributedOptimizer for AdamW's parameters) with
+overlapped gradient reduce-scatter and parameter all-gather, and the alltoall token dispatcher; the single-process reference has neither (one rank, allgather), so each
 comparison also checks ZeRO-1 against a plain optimizer and alltoall against allgather.
 
 Every layout starts from the same initial weights (a step-0 checkpoint saved by the single-process
@@ -20,7 +20,12 @@ import pytest
 from joyai_helpers import read_metrics, run_joyai, write_mock_recipe
 
 STEPS = 3
-PRODUCTION = ["parallel.distributed_optimizer=true", "model.moe_token_dispatcher=alltoall"]
+PRODUCTION = [
+    "parallel.distributed_optimizer=true",
+    "parallel.overlap_grad_reduce=true",
+    "parallel.overlap_param_gather=true",
+    "model.moe_token_dispatcher=alltoall",
+]
 LAYOUTS = {
     "dp2": [],  # ZeRO-1 over two data-parallel ranks
     # Expert TP stays 1, so the two TP ranks form an expert-data-parallel group: layer-wise Muon

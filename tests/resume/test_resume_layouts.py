@@ -33,7 +33,12 @@ from joyai_megatron.training.checkpoint import TRACKER, iter_dir
 
 N, STEPS = 2, 5
 STATE_KEYS = ("optimizer.state.momentum_buffer.", "optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.")
-ZERO1 = ["parallel.distributed_optimizer=true", "model.moe_token_dispatcher=alltoall"]
+ZERO1 = [  # the 48B recipes' settings
+    "parallel.distributed_optimizer=true",
+    "parallel.overlap_grad_reduce=true",
+    "parallel.overlap_param_gather=true",
+    "model.moe_token_dispatcher=alltoall",
+]
 LAYOUTS = {
     "single": ([], 1),
     "dp2": (ZERO1, 2),
