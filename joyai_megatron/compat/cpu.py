@@ -48,8 +48,19 @@ def _redirect_factory(fn: Callable, target: str) -> Callable:
     return wrapper
 
 
+class _NullEvent:
+    """A recorded event on the CPU: the work before it has already happened."""
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, stream: Any = None) -> None:
+        del stream
+
+
 class _NullStream:
-    """Stands in for ``torch.cuda.current_stream()`` on the CPU, where work is synchronous."""
+    """Stands in for ``torch.cuda.current_stream()`` and ``torch.cuda.Stream()`` on the CPU, where
+    work is synchronous (one object: every stream is the same one)."""
 
     def wait_event(self, event: Any) -> None:
         del event
@@ -59,6 +70,10 @@ class _NullStream:
 
     def synchronize(self) -> None:
         return None
+
+    def record_event(self, event: Any = None) -> _NullEvent:
+        del event
+        return _NullEvent()
 
 
 _NULL_STREAM = _NullStream()
@@ -84,6 +99,10 @@ def redirect_cuda_device(target: str = "cpu") -> Iterator[None]:
             torch.cuda.current_stream = lambda *a, **k: _NULL_STREAM  # type: ignore[assignment]
             _saved["synchronize"] = torch.cuda.synchronize
             torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+            _saved["Stream"] = torch.cuda.Stream
+            torch.cuda.Stream = lambda *a, **k: _NULL_STREAM  # type: ignore[assignment,misc]
+            _saved["stream"] = torch.cuda.stream
+            torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
             _saved["tensor_cuda"] = torch.Tensor.cuda
             torch.Tensor.cuda = lambda self, *a, **k: self.to(target)  # type: ignore[method-assign]
             for name in _FACTORIES:
@@ -99,6 +118,8 @@ def redirect_cuda_device(target: str = "cpu") -> Iterator[None]:
                 torch.cuda.current_device = _saved.pop("current_device")
                 torch.cuda.current_stream = _saved.pop("current_stream")
                 torch.cuda.synchronize = _saved.pop("synchronize")
+                torch.cuda.Stream = _saved.pop("Stream")  # type: ignore[misc]
+                torch.cuda.stream = _saved.pop("stream")
                 torch.Tensor.cuda = _saved.pop("tensor_cuda")  # type: ignore[method-assign]
                 for name in _FACTORIES:
                     setattr(torch, name, _saved.pop(name))
@@ -108,10 +129,41 @@ def cuda_device_as_cpu() -> contextlib.AbstractContextManager[None]:
     return redirect_cuda_device("cpu")
 
 
-def _redirected(fn: Callable) -> Callable:
+_type_depth = 0
+
+
+@contextlib.contextmanager
+def cuda_type_names() -> Iterator[None]:
+    """Inside this block a CPU tensor's ``.type()`` (no argument) answers with the name of its CUDA
+    counterpart (``torch.FloatTensor`` -> ``torch.cuda.FloatTensor``): for upstream code that picks
+    its fp32/fp16 branch by comparing type strings.  Conversions (``.type(dtype)``) are untouched."""
+    global _type_depth
+    with _lock:
+        if _type_depth == 0:
+            original = torch.Tensor.type
+            _saved["tensor_type"] = original
+
+            def type_name(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                name = original(self, *args, **kwargs)
+                if args or kwargs or self.device.type != "cpu":
+                    return name
+                return name.replace("torch.", "torch.cuda.", 1)
+
+            torch.Tensor.type = type_name  # type: ignore[method-assign]
+        _type_depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _type_depth -= 1
+            if _type_depth == 0:
+                torch.Tensor.type = _saved.pop("tensor_type")  # type: ignore[method-assign]
+
+
+def _redirected(fn: Callable, type_names: bool = False) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with cuda_device_as_cpu():
+        with cuda_device_as_cpu(), cuda_type_names() if type_names else contextlib.nullcontext():
             return fn(*args, **kwargs)
 
     wrapper.__joyai_cpu_redirect__ = True  # type: ignore[attr-defined]
@@ -164,6 +216,22 @@ _SITES: list[tuple[str, str, str]] = [
     # when scheduling; l.224 and l.698 completion flags on the current device when finalising.
     ("megatron.core.dist_checkpointing.strategies.async_utils", "AsyncCallsQueue.schedule_async_request", "268-273"),
     ("megatron.core.dist_checkpointing.strategies.async_utils", "AsyncCallsQueue.maybe_finalize_async_calls", "224,698"),
+    # token_dispatcher.py, the alltoall dispatcher (what the 48B recipes use): l.468-469 create a
+    # `torch.cuda.Stream()` for device-to-host copies of the split sizes; l.921-943 copy on it
+    # (`torch.cuda.stream`, `current_stream()`, `record_event()`) and l.947 wait for the event.
+    ("megatron.core.transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher.__init__", "468-469"),
+    (
+        "megatron.core.transformer.moe.token_dispatcher",
+        "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
+        "921-947",
+    ),
+    # distrib_optimizer.py l.1362 `torch.cuda.current_device()`, l.1374 `.cuda()`: ZeRO-1's
+    # model-space checkpoint (``fully_reshardable``) gathers every shard on the current device.
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.get_parameter_state_dp_zero",
+        "1362-1374",
+    ),
     # layer_wise_optimizer.py l.837: the same flag in the layer-wise (distributed Muon) optimizer.
     (
         "megatron.core.optimizer.layer_wise_optimizer",
@@ -178,6 +246,18 @@ _SITES: list[tuple[str, str, str]] = [
     ("megatron.core.optimizer.optimizer", "count_zeros_fp32", "231"),
     ("megatron.core.optimizer.layer_wise_optimizer", "get_grad_norm_fp32", "96-112"),
     ("megatron.core.optimizer.layer_wise_optimizer", "count_zeros_fp32", "231"),
+]
+
+# Sites that also pick their fp32 branch by type string (``param.type() == 'torch.cuda.FloatTensor'``):
+# they run with both the device redirect and :func:`cuda_type_names`.
+_TYPE_NAME_SITES: list[tuple[str, str, str]] = [
+    # ZeRO-1 (distrib_optimizer.py): __init__ builds MixedPrecisionOptimizer's flags with
+    # device='cuda' (optimizer.py l.698-705) and its shard groups by type string (l.401, l.466, l.758).
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.__init__",
+        "401,466,758; optimizer.py:698-705",
+    ),
 ]
 
 # Sites in optional packages, patched only once their module has been imported (importing ModelOpt
@@ -233,12 +313,25 @@ def _tracker_add_cpu(self: Any, name: str, seed: int) -> None:
     self.states_[name] = generator.get_state()
 
 
+def _maybe_move_tensor_to_cpu_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """Replaces moe_utils.py ``maybe_move_tensor_to_cpu`` (l.1169-1191), which converts only CUDA
+    tensors (``if ... tensor.is_cuda``): on the CPU the alltoall dispatcher's split sizes stayed
+    tensors, which ``all_to_all_single`` rejects as split sizes.  Same result as the CUDA path: a
+    host copy, as a numpy array when asked."""
+    del record_stream
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.detach().cpu().numpy().copy()
+    return tensor
+
+
 _REPLACEMENTS: list[tuple[str, str, Callable]] = [
     ("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker.add", _tracker_add_cpu),
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu),
     # optimizer.py imports the function by name, so its reference is replaced too.
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu),
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _get_rng_state_cpu),
+    # token_dispatcher.py imports it by name (l.39) and calls it at l.927-943.
+    ("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu_cpu),
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _set_rng_state_cpu),
 ]
 
@@ -259,11 +352,12 @@ def apply_cpu_redirects(force: bool = False) -> bool:
         return True
     if torch.cuda.is_available() and not force:
         return False
-    for module_name, path, _lines in _SITES:
-        owner, attr = _resolve(module_name, path)
-        original = getattr(owner, attr)
-        if not getattr(original, "__joyai_cpu_redirect__", False):
-            setattr(owner, attr, _redirected(original))
+    for sites, type_names in ((_SITES, False), (_TYPE_NAME_SITES, True)):
+        for module_name, path, _lines in sites:
+            owner, attr = _resolve(module_name, path)
+            original = getattr(owner, attr)
+            if not getattr(original, "__joyai_cpu_redirect__", False):
+                setattr(owner, attr, _redirected(original, type_names))
     for module_name, path, replacement in _REPLACEMENTS:
         owner, attr = _resolve(module_name, path)
         if not hasattr(owner, attr):
@@ -286,4 +380,4 @@ def _apply_optional_sites() -> None:
 
 def redirect_sites() -> list[tuple[str, str, str]]:
     """The patched upstream functions, for tests and docs."""
-    return list(_SITES) + list(_OPTIONAL_SITES)
+    return list(_SITES) + list(_TYPE_NAME_SITES) + list(_OPTIONAL_SITES)

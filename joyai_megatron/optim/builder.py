@@ -14,10 +14,18 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer import MegatronOptimizer
 
 from joyai_megatron.compat.multi_tensor import apply_multi_tensor_fallbacks
+from joyai_megatron.compat.zero1 import use_zero1_fallbacks
 from joyai_megatron.config.schema import OptimCfg, ParallelCfg, PrecisionCfg
 from joyai_megatron.optim.muon import use_batched_muon
 
 OPTIMIZERS = ("muon", "adam")
+
+
+def uses_distributed_optimizer(parallel: ParallelCfg, world_size: int) -> bool:
+    """ZeRO-1 is on when the recipe asks for it and there is more than one process.
+
+    The optimizer and the DDP wrapper (``training/ddp.py``) must agree on this; both call it."""
+    return parallel.distributed_optimizer and world_size > 1
 
 
 def optimizer_config(optim: OptimCfg, parallel: ParallelCfg, precision: PrecisionCfg) -> OptimizerConfig:
@@ -26,7 +34,7 @@ def optimizer_config(optim: OptimCfg, parallel: ParallelCfg, precision: Precisio
     if optim.optimizer not in OPTIMIZERS:
         raise ValueError(f"optim.optimizer must be one of {OPTIMIZERS}, got {optim.optimizer!r}")
     muon = optim.optimizer == "muon"
-    distributed = parallel.distributed_optimizer and torch.distributed.get_world_size() > 1
+    distributed = uses_distributed_optimizer(parallel, torch.distributed.get_world_size())
     return OptimizerConfig(
         optimizer=optim.optimizer,
         lr=optim.lr,
@@ -60,6 +68,7 @@ def build_optimizer(
     # Batched Newton-Schulz and sync-free multi-tensor ops: the same updates, far fewer launches.
     use_batched_muon()
     apply_multi_tensor_fallbacks()
+    use_zero1_fallbacks()  # ZeRO-1 with FP32 parameters or without TE/Apex (the CPU tests)
     return get_megatron_optimizer(optimizer_config(optim, parallel, precision), model_chunks)
 
 

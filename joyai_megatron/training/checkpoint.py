@@ -31,11 +31,10 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from joyai_megatron.config.recipe import save_resolved_recipe
 from joyai_megatron.config.schema import Recipe
+from joyai_megatron.training.optimizer_state import OPTIMIZER_METADATA, OptimizerLoad
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
-# Resharding across TP/EP/PP needs the optimizer state stored in model space.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
 
 
 @dataclass
@@ -231,8 +230,7 @@ def _prune(root: Path, keep_last: int, committed: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-class OptimizerLayoutChanged(RuntimeError):
-    """The saved optimizer was grouped differently from this run's (e.g. EP changed)."""
+_OPTIMIZER_TENSORS = "optimizer_tensors_of_this_layout"
 
 
 def load_checkpoint(
@@ -255,11 +253,14 @@ def load_checkpoint(
     load_optimizer = load_optimizer and has_state
     load_counters = load_counters and has_state
     state = model_sharded_state_dict(model)
-    if load_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
+    saved_keys = _saved_keys(path)
+    # This run's optimizer tensors, by model-space key, under a key of their own: the checkpoint's
+    # own non-tensor optimizer state comes back under "optimizer" (see training/optimizer_state.py).
+    optimizer_load = OptimizerLoad(optimizer, state, saved_keys) if load_optimizer else None
+    if optimizer_load is not None:
+        state[_OPTIMIZER_TENSORS] = optimizer_load.tensors
     if load_counters:
         state["scheduler"] = scheduler.state_dict()
-    saved_keys = _saved_keys(path)
     rng = _rng_sharded_object()
     if rng.key in saved_keys:  # absent when the layout changed or for weights-only imports
         state["rng_state"] = rng
@@ -267,24 +268,13 @@ def load_checkpoint(
     # backend or by `convert from-hf`; a fresh one is fine.
     allow_missing = [*allow_missing, "_extra_state"]
     _drop_missing(state, saved_keys, allow_missing)
-    try:
-        loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    except ValueError as err:
-        if load_optimizer and "Cannot merge" in str(err) and "optimizer" in str(err):
-            raise OptimizerLayoutChanged(
-                f"{path}: the optimizer state was saved with a different grouping of parameters than this "
-                f"run builds ({err}). Megatron-Core groups expert parameters separately only when EP > 1 or "
-                "ETP != TP, so changing those changes the optimizer layout. Keep EP/ETP as saved, or resume "
-                "with checkpoint.load_optimizer=false (weights, step, schedule and data position are kept; "
-                "optimizer moments restart)."
-            ) from err
-        raise
+    loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     for i, chunk in enumerate(model):
         _load_model_chunk(unwrap(chunk), loaded["model" if len(model) == 1 else f"model{i}"], allow_missing, path)
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
-    if load_optimizer:
-        optimizer.load_state_dict(loaded["optimizer"])
+    if optimizer_load is not None:
+        optimizer_load.finish(loaded.get(_OPTIMIZER_TENSORS, {}), loaded.get("optimizer"))
     else:
         # BF16/FP16 optimizers keep FP32 main copies of the weights, made when they were built (from
         # the fresh initialisation): without this refresh the first step writes that init back.

@@ -11,17 +11,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.num_microbatches_calculator import (
     destroy_num_microbatches_calculator,
     get_current_global_batch_size,
@@ -47,6 +44,7 @@ from joyai_megatron.optim.builder import build_optimizer
 from joyai_megatron.optim.schedule import build_scheduler, tokens_to_samples
 from joyai_megatron.stages.base import Stage
 from joyai_megatron.training import checkpoint as ckpt
+from joyai_megatron.training.ddp import wrap_in_ddp
 from joyai_megatron.training.distributed import init_distributed, init_model_parallel, read_dist_env, set_seed
 from joyai_megatron.training.metrics import MetricsLogger, interval_means
 from joyai_megatron.training.signals import ExitSignalHandler
@@ -136,7 +134,6 @@ class Trainer:
     def _build_model(self) -> list[torch.nn.Module]:
         chunks = []
         vpp = self.layout.vpp or 1
-        p = self.recipe.parallel
         for i in range(vpp):
             vp_stage = i if self.layout.vpp else None
             model = build_joyai_model(
@@ -162,19 +159,14 @@ class Trainer:
                 model.cuda(torch.cuda.current_device())  # gpu-only
             if self.config.bf16 or self.config.fp16:
                 model = Float16Module(self.config, model)
-            muon = self.recipe.optim.optimizer == "muon"
-            ddp_config = DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True,
-                overlap_grad_reduce=p.overlap_grad_reduce,
-                overlap_param_gather=p.overlap_param_gather,
-                use_distributed_optimizer=p.distributed_optimizer and self.env.world_size > 1 and not muon,
-                average_in_collective=False,
-            )
-            chunks.append(
-                DistributedDataParallel(
-                    config=self.config, ddp_config=ddp_config, module=model, disable_bucketing=i > 0
-                )
-            )
+            chunks.append(model)
+        chunks = wrap_in_ddp(
+            chunks,
+            self.config,
+            self.recipe.parallel,
+            optimizer=self.recipe.optim.optimizer,
+            world_size=self.env.world_size,
+        )
         for chunk in chunks:
             chunk.broadcast_params()
         return chunks
@@ -351,10 +343,7 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=batch_size)
-        if self.config.qk_clip:
-            from megatron.core.optimizer.qk_clip import clip_qk
-
-            clip_qk(self.model)
+        max_logit = self.clip_qk() if self.config.qk_clip else None
         self.state.iteration += 1
         self.state.consumed_samples += batch_size
         tokens = batch_size * self.recipe.train.seq_length
@@ -370,12 +359,26 @@ class Trainer:
         if mtp is not None:
             values["mtp_loss"] = mtp
         values["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        if max_logit is not None:
+            values["max_attention_logit"] = max_logit
         values["lr"] = max(g["lr"] for g in self.optimizer.param_groups)
         values["global_batch_size"] = float(batch_size)
         values["consumed_tokens"] = float(self.state.consumed_tokens)
         values.update(self._moe_stats())
         values.update({f"stage/{k}": v for k, v in self.stage.log_metrics().items()})
         return values
+
+    def clip_qk(self) -> float:
+        """MuonClip after the optimizer step: Megatron-Core's ``clip_qk`` rescales the query and key
+        up-projections of every decoder attention layer whose largest logit of the step exceeded
+        ``model.qk_clip_threshold``; returns that largest logit (over DP ranks, this PP stage).
+
+        ``clip_qk`` reaches the layers as ``chunk.module.module`` (DDP, then Float16Module); an
+        FP32 model has no Float16Module, so it gets a stand-in for that level."""
+        from megatron.core.optimizer.qk_clip import clip_qk
+
+        chunks = [c if isinstance(c.module, Float16Module) else SimpleNamespace(module=c) for c in self.model]
+        return clip_qk(chunks)
 
     def evaluate(self) -> dict[str, float]:
         t = self.recipe.train

@@ -48,6 +48,8 @@ def _torch_entry_points() -> dict[str, object]:
         "current_device": torch.cuda.current_device,
         "current_stream": torch.cuda.current_stream,
         "synchronize": torch.cuda.synchronize,
+        "Stream": torch.cuda.Stream,
+        "stream": torch.cuda.stream,
         "Tensor.cuda": torch.Tensor.cuda,
         **{name: getattr(torch, name) for name in ("tensor", "zeros", "ones", "empty", "full", "arange")},
     }
@@ -65,6 +67,10 @@ def test_redirect_restores_torch_and_nested_keeps_outer_target() -> None:
             assert torch.arange(4).cuda().device.type == "meta"
         assert torch.full((2,), 1.0, device="cuda").device.type == "meta"
         assert torch.zeros(2).device.type == "cpu"  # non-CUDA requests are left alone
+        side = torch.cuda.Stream()  # the alltoall dispatcher's device-to-host stream
+        assert side is torch.cuda.current_stream()
+        with torch.cuda.stream(side):
+            side.record_event().synchronize()
     after = _torch_entry_points()
     assert all(after[k] is before[k] for k in before), [k for k in before if after[k] is not before[k]]
 
