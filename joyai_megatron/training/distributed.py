@@ -108,6 +108,12 @@ def current_device() -> torch.device:
 
 
 def shutdown() -> None:
+    """Tear down the process groups and the process-global loss trackers Megatron-Core keeps, so a
+    later run in the same process (the demo's stages, tests) starts from nothing: a forward left in
+    the MTP tracker would otherwise be added to that run's first logged MTP loss."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    MTPLossLoggingHelper.tracker.clear()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
