@@ -231,7 +231,21 @@ class Trainer:
         return str(path)
 
     def save(self) -> Path:
+        """Save with every parameter current on every rank: with ZeRO-1's overlapped param
+        all-gather the shards other ranks updated arrive only in the next forward's pre-hooks, and
+        the checkpoint (written by DP rank 0) would hold the previous step's values for them, as
+        Megatron-LM's ``save_checkpoint_and_time`` avoids by the same hook toggle."""
         self.state.stage = self.stage.state_dict()
+        hooked = [chunk for chunk in self.model if getattr(chunk, "use_forward_hook", False)]
+        for chunk in hooked:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            return self._write_checkpoint()
+        finally:
+            for chunk in hooked:
+                chunk.enable_forward_pre_hook()
+
+    def _write_checkpoint(self) -> Path:
         return ckpt.save_checkpoint(
             self.recipe.checkpoint.dir,
             self.recipe,

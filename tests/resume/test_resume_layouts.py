@@ -1,5 +1,5 @@
-"""Resume on another parallel layout with the optimizer: TP, EP, PP and DP changes, ZeRO-1 on every
-2-process side, against the uninterrupted run of the saving layout.
+"""Resume on another parallel layout with the optimizer: TP, EP, PP, DP and CP changes, ZeRO-1 on
+every 2-process side, against the uninterrupted run of the saving layout.
 
 Two uninterrupted 5-step Muon runs save a checkpoint after every step: one process (no ZeRO-1) and
 ZeRO-1 at DP=2 (layer-wise Muon + DistributedOptimizer AdamW).  Each case copies step 2 of one of
@@ -45,6 +45,7 @@ LAYOUTS = {
     "tp2_sp": ([*ZERO1, "parallel.tp=2", "parallel.sequence_parallel=true"], 2),
     "ep2": ([*ZERO1, "parallel.ep=2"], 2),
     "pp2": ([*ZERO1, "parallel.pp=2", "parallel.pp_layout=Et|ttmL"], 2),
+    "cp2": ([*ZERO1, "parallel.cp=2"], 2),  # each sequence split over two ranks (DP=1)
 }
 SECTIONS = {"optim": {"optimizer": "muon", "lr": 3e-3}}
 SAVES = ["checkpoint.save_interval=1", "checkpoint.keep_last=0"]
@@ -111,6 +112,7 @@ CASES = [
     ("single", "pp2"),
     ("dp2", "ep2"),  # ZeRO-1 on both sides, EP 1 -> 2 (expert matrices leave the DP sharding)
     ("dp2", "single"),  # DP 2 -> 1
+    ("dp2", "cp2"),  # ZeRO-1 at DP=2 -> CP=2 (DP 1): the sharded state gathers onto one DP rank
 ]
 
 
