@@ -47,3 +47,9 @@ def use_torch_wgrad_accumulation() -> bool:
     layers.fused_weight_gradient_mlp_cuda = module
     layers._grad_accum_fusion_available = True
     return True
+
+
+def wgrad_accumulation_available() -> bool:
+    """Whether Megatron-Core's linears can fuse weight-gradient accumulation (Apex's extension, or
+    the stand-in :func:`use_torch_wgrad_accumulation` installs with ``compat.install()``)."""
+    return bool(layers._grad_accum_fusion_available)

@@ -52,13 +52,18 @@ class ReplicatedLinear(Linear):
         """Nothing to restore (see ``get_extra_state``)."""
 
 
-def replicated_down_projection() -> type:
-    """The class the ``local`` MLA spec uses for both down projections (installs it if needed).
+def install_replicated_down_projection() -> bool:
+    """Bind :class:`ReplicatedLinear` where ``multi_latent_attention.py`` has ``Linear = None`` (TE
+    missing), which makes its ``submodules.linear_q_down_proj in [Linear, TEColumnParallelLinear,
+    ColumnParallelLinear]`` check reject any replicated linear; returns whether it changed."""
+    if multi_latent_attention.Linear is not None:
+        return False
+    multi_latent_attention.Linear = ReplicatedLinear
+    return True
 
-    Covers ``multi_latent_attention.py``: ``Linear = None`` when TE is missing, which makes the
-    ``submodules.linear_q_down_proj in [Linear, TEColumnParallelLinear, ColumnParallelLinear]``
-    check reject any replicated linear.
-    """
+
+def replicated_down_projection() -> type:
+    """The class the ``local`` MLA spec uses for both down projections."""
     if multi_latent_attention.Linear is None:
-        multi_latent_attention.Linear = ReplicatedLinear
+        raise RuntimeError("MLA's replicated Linear is unset: call joyai_megatron.compat.install() first")
     return multi_latent_attention.Linear

@@ -28,14 +28,14 @@ def init_single_process() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from joyai_megatron.compat import apply_cpu_redirects
+    from joyai_megatron import compat
 
     if not dist.is_initialized():
         # A private address: inherited MASTER_PORT (torchrun, Slurm, a parent test) may be taken.
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
-    apply_cpu_redirects()
+    compat.install()
 
 
 def build_megatron_model(

@@ -5,10 +5,7 @@ from __future__ import annotations
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from joyai_megatron.compat.mtp import use_cp_exact_mtp_loss
-from joyai_megatron.compat.rope import use_sync_free_thd_rope
-from joyai_megatron.compat.router import use_padding_aware_expert_bias
-from joyai_megatron.model.dispatch import use_sync_free_dispatch
+from joyai_megatron.compat.dispatch import use_sync_free_dispatch
 from joyai_megatron.model.presets import ModelArch
 from joyai_megatron.model.spec import decoder_block_spec, mtp_block_spec
 
@@ -28,17 +25,9 @@ def build_joyai_model(
 
     Embeddings stay untied (JoyAI has a separate LM head); MLA applies its own rotary embedding,
     so the GPTModel-level one is unused.  MoE layers whose experts are all local dispatch without
-    host syncs (:mod:`joyai_megatron.model.dispatch`), and packed sequences take their rotary
-    embedding without them (:mod:`joyai_megatron.compat.rope`) where TE's fused RoPE is off.  Under
-    context parallelism the MTP loss is normalised per micro-batch (:mod:`joyai_megatron.compat.mtp`)
-    and the padding CP adds stays out of the routers' load counts (:mod:`joyai_megatron.compat.router`).
+    host syncs (:mod:`joyai_megatron.compat.dispatch`); the process-wide patches the model relies on
+    (:func:`joyai_megatron.compat.install`) are in place once process groups exist.
     """
-    if not config.apply_rope_fusion:
-        use_sync_free_thd_rope()
-    if config.context_parallel_size > 1:
-        use_padding_aware_expert_bias()
-        if config.mtp_num_layers:
-            use_cp_exact_mtp_loss()
     model = GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, backend, vp_stage=vp_stage, pp_rank=pp_rank),

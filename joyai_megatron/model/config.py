@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-from joyai_megatron.compat.grad_accum import use_torch_wgrad_accumulation
+from joyai_megatron.compat.grad_accum import wgrad_accumulation_available
 from joyai_megatron.compat.target import assume_transformer_engine
 from joyai_megatron.config.schema import ModelCfg, ParallelCfg, PrecisionCfg
 from joyai_megatron.model.presets import ModelArch
@@ -233,7 +233,7 @@ def build_transformer_config(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         # Weight gradients accumulate straight into DDP's fp32 main_grad (Apex, or compat/grad_accum.py).
-        gradient_accumulation_fusion=on_gpu and use_torch_wgrad_accumulation(),
+        gradient_accumulation_fusion=on_gpu and wgrad_accumulation_available(),
         cross_entropy_loss_fusion=on_gpu,
         bias_dropout_fusion=False,
         # Recompute.

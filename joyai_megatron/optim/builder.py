@@ -13,10 +13,7 @@ import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer import MegatronOptimizer
 
-from joyai_megatron.compat.multi_tensor import apply_multi_tensor_fallbacks
-from joyai_megatron.compat.zero1 import use_zero1_fallbacks
 from joyai_megatron.config.schema import OptimCfg, ParallelCfg, PrecisionCfg
-from joyai_megatron.optim.muon import use_batched_muon
 
 OPTIMIZERS = ("muon", "adam")
 
@@ -65,10 +62,8 @@ def optimizer_config(optim: OptimCfg, parallel: ParallelCfg, precision: Precisio
 def build_optimizer(
     optim: OptimCfg, parallel: ParallelCfg, precision: PrecisionCfg, model_chunks: list
 ) -> MegatronOptimizer:
-    # Batched Newton-Schulz and sync-free multi-tensor ops: the same updates, far fewer launches.
-    use_batched_muon()
-    apply_multi_tensor_fallbacks()
-    use_zero1_fallbacks()  # ZeRO-1 with FP32 parameters or without TE/Apex (the CPU tests)
+    """Megatron-Core's optimizer for the recipe; BatchedMuon, the multi-tensor and ZeRO-1 patches
+    it relies on are installed with the process groups (``joyai_megatron.compat``)."""
     return get_megatron_optimizer(optimizer_config(optim, parallel, precision), model_chunks)
 
 

@@ -126,8 +126,3 @@ def _chunks(params: list[torch.Tensor], max_elements: int) -> Iterator[list[torc
     per_chunk = max(1, max_elements // max(params[0].numel(), 1))
     for start in range(0, len(params), per_chunk):
         yield params[start : start + per_chunk]
-
-
-def use_batched_muon() -> None:
-    """Make Megatron-Core's ``optimizer="muon"`` build :class:`BatchedMuon` (idempotent)."""
-    mcore_eo._EMERGING_OPTIMIZERS["muon"].optimizer_cls = BatchedMuon

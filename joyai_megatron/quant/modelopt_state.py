@@ -62,10 +62,10 @@ def _prepare_modelopt() -> None:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.plugins.megatron import _MegatronParallelLinear
 
-    from joyai_megatron.compat import apply_cpu_redirects
+    from joyai_megatron import compat
     from joyai_megatron.compat.mla import ReplicatedLinear
 
-    apply_cpu_redirects()
+    compat.install()
     if ReplicatedLinear in mtq.QuantModuleRegistry:
         return
 

@@ -14,8 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from joyai_megatron.compat import apply_cpu_redirects
-from joyai_megatron.compat.no_te import apply_no_te_fallbacks
+from joyai_megatron import compat
 from joyai_megatron.config.layout import Layout
 
 
@@ -50,9 +49,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     later (tests, tools) do not inherit a stale port or rank.
     """
     info = read_dist_env()
-    if not torch.cuda.is_available():
-        apply_cpu_redirects()
-    apply_no_te_fallbacks()
+    compat.install()
     if dist.is_initialized():
         return info
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")

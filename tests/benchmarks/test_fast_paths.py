@@ -262,7 +262,7 @@ def test_sync_free_dispatch_is_bitwise_the_upstream_dispatcher(one_rank) -> None
     loss and gradients with the sync-free dispatcher as with Megatron's all-gather dispatcher."""
     from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
 
-    from joyai_megatron.model.dispatch import LocalAllGatherDispatcher, sync_free_applies
+    from joyai_megatron.compat.dispatch import LocalAllGatherDispatcher, sync_free_applies
     from joyai_megatron.training.packing import pack_batch
 
     gen = torch.Generator().manual_seed(5)

@@ -83,9 +83,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     dist.init_process_group("gloo")
-    from joyai_megatron.compat import apply_cpu_redirects
+    from joyai_megatron import compat
 
-    apply_cpu_redirects()
+    compat.install()
     ref = torch.load(args.ref)
     results = []
     for spec in args.layouts:
