@@ -79,12 +79,23 @@ def parity_reward(response: str, reference: str) -> float:
     return float(len(response) % 2 == 0)
 
 
+def code_parity_reward(response: str, reference: str) -> float:
+    """The ``code`` verifier end to end (extraction, sandbox, judge) on a program that returns the
+    response's length parity: a code reward with variance under any policy, even an untrained one."""
+    from joyai_megatron.rl.rewards import get_reward
+
+    del reference
+    program = f"```python\ndef parity():\n    return {len(response) % 2}\n```"
+    return get_reward("code")(program, "assert parity() == 0\n")
+
+
 def register_test_rewards() -> None:
-    """The ``rl_test_parity`` reward the test recipes score with (once per process)."""
+    """The ``rl_test_parity`` / ``rl_test_code_parity`` rewards of the test recipes (once per process)."""
     from joyai_megatron.rl.rewards import available_rewards, register_reward
 
     if "rl_test_parity" not in available_rewards():
         register_reward("rl_test_parity")(parity_reward)
+        register_reward("rl_test_code_parity")(code_parity_reward)
 
 
 def rl_test_data(root: Path) -> tuple[Path, Path]:
