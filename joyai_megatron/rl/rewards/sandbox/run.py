@@ -149,28 +149,34 @@ def run_python_tests(
             open(work / "solution.log", "w+b") as log,
             open(work / "judge.log", "w+b") as judge_log,
         ):
-            processes = []
+            processes: list[subprocess.Popen] = []
             try:
-                solution_fds = (requests_r, replies_w)
-                config = {**limits, "mode": "functions", "fds": list(solution_fds)}
-                streams = (subprocess.DEVNULL, log, subprocess.STDOUT)
-                processes.append(_spawn("solution", program, config, isolated, work, streams, solution_fds))
-                judge_fds = (replies_r, requests_w, verdict_w)
-                config = {**judge_limits, "fds": list(judge_fds)}
-                streams = (subprocess.DEVNULL, judge_log, subprocess.STDOUT)
-                processes.append(_spawn("judge", test_file, config, isolated, work, streams, judge_fds))
+                try:  # os.pipe() descriptors are not inherited: each process gets exactly its own
+                    solution_fds = (requests_r, replies_w)
+                    config = {**limits, "mode": "functions", "fds": list(solution_fds)}
+                    streams = (subprocess.DEVNULL, log, subprocess.STDOUT)
+                    processes.append(
+                        _spawn("solution", program, config, isolated, work, streams, solution_fds)
+                    )
+                    judge_fds = (replies_r, requests_w, verdict_w)
+                    config = {**judge_limits, "fds": list(judge_fds)}
+                    streams = (subprocess.DEVNULL, judge_log, subprocess.STDOUT)
+                    processes.append(_spawn("judge", test_file, config, isolated, work, streams, judge_fds))
+                finally:
+                    for fd in (requests_r, requests_w, replies_r, replies_w, verdict_w):
+                        os.close(fd)
+                timed_out = _wait(processes[1], timeout_s)
             finally:
-                for fd in (requests_r, requests_w, replies_r, replies_w, verdict_w):
-                    os.close(fd)
-            timed_out = _wait(processes[1], timeout_s)
-            for process in processes:
-                _kill(process)
+                for process in processes:
+                    _kill(process)
             raw = verdict_pipe.read(65536)
             output = _tail(log)
             judge_output = _tail(judge_log)
     try:
         verdict = json.loads(raw)
     except ValueError:
+        verdict = None
+    if not isinstance(verdict, dict):
         verdict = {"passed": False, "error": "the judge gave no verdict"}
     passed = not timed_out and verdict.get("passed") is True
     reason = "wall-clock limit reached" if timed_out else str(verdict.get("error", ""))
@@ -200,8 +206,10 @@ def run_python_program(
             open(work / "stderr.txt", "w+b") as err,
         ):
             process = _spawn("solution", program, config, isolated, work, (given, out, err))
-            timed_out = _wait(process, timeout_s)
-            _kill(process)
+            try:
+                timed_out = _wait(process, timeout_s)
+            finally:
+                _kill(process)
             out.seek(0)
             stdout = out.read(MAX_STDOUT_BYTES).decode("utf-8", errors="replace")
             stderr = _tail(err)
