@@ -27,7 +27,7 @@ needs_bwrap = pytest.mark.skipif(not bubblewrap_available(), reason="bubblewrap 
 
 @pytest.fixture
 def fast_code_reward(monkeypatch):
-    monkeypatch.setattr(code_tests, "CODE_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(code_tests, "CODE_TIMEOUT_S", 20.0)  # generous: CI machines can be loaded
     monkeypatch.setattr(code_tests, "CODE_MEMORY_MB", 256)
     return get_reward("code")
 
@@ -61,7 +61,7 @@ def test_tests_use_objects_exceptions_and_in_place_changes_through_the_channel()
         "assert stats([1, 2, 2]) == {'n': 3, 'pair': (1, 2), 'set': {1, 2}, 'raw': b'\\x01\\x02\\x02'}\n"
         "assert LIMIT == 3 and s != Stack() and repr(s).startswith('<solution object')\n"
     )
-    result = run_python_tests(solution, tests, timeout_s=5.0)
+    result = run_python_tests(solution, tests, timeout_s=20.0)
     assert result.passed, result.output
 
 
@@ -93,7 +93,8 @@ def test_wire_codec_round_trips_plain_data_and_rejects_the_rest():
 
 
 @needs_bwrap
-def test_infinite_loop_is_killed_and_scores_zero(fast_code_reward):
+def test_infinite_loop_is_killed_and_scores_zero(fast_code_reward, monkeypatch):
+    monkeypatch.setattr(code_tests, "CODE_TIMEOUT_S", 2.0)
     start = time.monotonic()
     assert fast_code_reward(_fenced("def add(a, b):\n    while True:\n        pass"), TESTS) == 0.0
     assert time.monotonic() - start < 6.0
@@ -112,13 +113,13 @@ def test_infinite_loop_is_killed_and_scores_zero(fast_code_reward):
 def test_memory_bomb_is_stopped_and_scores_zero(fast_code_reward, bomb):
     code = f"{bomb}\ndef add(a, b):\n    return a + b"
     assert fast_code_reward(_fenced(code), TESTS) == 0.0
-    result = run_python_tests(code, TESTS, memory_mb=256, timeout_s=5.0)
+    result = run_python_tests(code, TESTS, memory_mb=256, timeout_s=20.0)
     assert not result.timed_out and "MemoryError" in result.output
 
 
 @needs_bwrap
 def test_stdin_stdout_program_is_judged_by_the_parent(monkeypatch):
-    monkeypatch.setattr(code_tests, "CODE_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(code_tests, "CODE_TIMEOUT_S", 20.0)
     reward = get_reward("code_io")
     cases = json.dumps([{"input": "1 2\n", "output": "3\n"}, {"input": "5 -5\n", "output": "0"}])
     honest = "a, b = map(int, input().split())\nprint(a + b)   "

@@ -65,7 +65,7 @@ def _processes_with(token: str) -> list[int]:
 
 
 def _run_hostile(
-    program: str, outside: Path, token: str, timeout_s: float = 3.0, isolated: bool | None = None
+    program: str, outside: Path, token: str, timeout_s: float = 10.0, isolated: bool | None = None
 ):
     before = _snapshot(outside)
     host_tmp = set(os.listdir("/tmp"))
@@ -218,7 +218,7 @@ def test_daemonised_child_dies_with_the_run(outside, how):
         ),
     }[how]
     program = f"import os, subprocess, sys\n{spawn}\ndef add(a, b):\n    while True:\n        pass\n"
-    result, trace = _run_hostile(program, outside, token, timeout_s=1.0)
+    result, trace = _run_hostile(program, outside, token, timeout_s=3.0)
     assert result.timed_out and not result.passed
     _no_trace(trace, token)
 

@@ -139,9 +139,12 @@ def bwrap_command(argv: list[str], inputs: dict[str, str], scratch_mb: int = 64)
                 command += ["--perms", "0755", "--dir", str(parent)]
         command += ["--ro-bind", host, inside]
     size = str(scratch_mb * 1024 * 1024)
-    command += ["--proc", "/proc", "--dev", "/dev"]
+    command += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", size, "--tmpfs", "/dev/shm"]
     command += ["--perms", "1777", "--size", size, "--tmpfs", "/tmp"]
     command += ["--perms", "1777", "--size", size, "--tmpfs", SCRATCH, "--chdir", SCRATCH]
+    # The root and /dev are tmpfs without a size cap, writable by the sandbox's owner in a user
+    # namespace: read-only, so only the capped tmpfs mounts take writes.
+    command += ["--remount-ro", "/dev", "--remount-ro", "/"]
     command += ["--clearenv", *_setenv(sandbox_env(SCRATCH)), "--", *argv]
     return command
 
