@@ -52,7 +52,7 @@ def test_tests_use_objects_exceptions_and_in_place_changes_through_the_channel()
         "        return self.items.pop()\n    def __len__(self):\n        return len(self.items)\n"
         "def sort_in_place(xs):\n    xs.sort()\n"
         "def stats(xs):\n    return {'n': len(xs), 'pair': (min(xs), max(xs)), 'set': set(xs), 'raw': bytes(xs)}\n"
-        "LIMIT = 3\n"
+        "LIMIT = 3\nPRIMES = [p for p in range(2, 300_000) if all(p % d for d in range(2, int(p**0.5) + 1))]\n"
     )
     tests = (
         "s = Stack().push(1).push(2)\nassert len(s) == 2 and s.items == [1, 2] and s.pop() == 2\n"
@@ -60,6 +60,7 @@ def test_tests_use_objects_exceptions_and_in_place_changes_through_the_channel()
         "xs = [3, 1, 2]\nsort_in_place(xs)\nassert xs == [1, 2, 3]\n"
         "assert stats([1, 2, 2]) == {'n': 3, 'pair': (1, 2), 'set': {1, 2}, 'raw': b'\\x01\\x02\\x02'}\n"
         "assert LIMIT == 3 and s != Stack() and repr(s).startswith('<solution object')\n"
+        "assert len(PRIMES) == 25997 and PRIMES[3] == 7  # a large table travels as a handle\n"
     )
     result = run_python_tests(solution, tests, timeout_s=20.0)
     assert result.passed, result.output

@@ -17,9 +17,10 @@ from types import ModuleType
 from typing import Any
 
 from limits import apply_limits
-from wire import WireError, decode, encode, receive, send
+from wire import WireError, decode, encode, encode_names, receive, send
 
 _MUTABLE = (list, dict, set, bytearray)
+_EXPORT_VALUE_BYTES = 64 * 1024
 
 
 def _error(exc: BaseException) -> list[str]:
@@ -52,7 +53,7 @@ class Server:
             for k, v in self.namespace.items()
             if not k.startswith("__") and not isinstance(v, ModuleType)
         }
-        return encode(names, self.handle_for)
+        return encode_names(names, self.handle_for, _EXPORT_VALUE_BYTES)
 
     def answer(self, request: dict) -> dict:
         op, target = request.get("op"), self.resolve(request.get("ref"))
@@ -83,7 +84,7 @@ class Server:
                 return  # the judge is done
             try:
                 reply = self.answer(request)
-            except BaseException as exc:  # noqa: BLE001 - the program's exceptions are answers too
+            except BaseException as exc:  # the program's exceptions are answers too
                 reply = {"error": _error(exc)}
             send(replies, reply)
 
@@ -105,7 +106,7 @@ def main() -> None:
         try:
             exec(compile(source, "solution.py", "exec"), namespace)
             ready = {"exports": server.exports()}
-        except BaseException as exc:  # noqa: BLE001 - reported to the judge, which fails the run
+        except BaseException as exc:  # reported to the judge, which fails the run
             traceback.print_exc()
             ready = {"error": _error(exc)}
         send(replies, ready)

@@ -54,6 +54,21 @@ def encode(value: Any, handle_for: Callable[[Any], int] | None = None, depth: in
     return {"h": handle_for(value)}
 
 
+def encode_names(values: dict[str, Any], handle_for: Callable[[Any], int], max_bytes: int) -> Any:
+    """``encode(values)``, except that a value whose encoding is deeper than MAX_DEPTH or longer
+    than ``max_bytes`` goes as a handle (a large precomputed table stays usable through calls)."""
+    items = []
+    for name, value in values.items():
+        try:
+            data = encode(value, handle_for)
+            if len(json.dumps(data)) > max_bytes:
+                data = {"h": handle_for(value)}
+        except WireError:
+            data = {"h": handle_for(value)}
+        items.append([name, data])
+    return {"d": items}
+
+
 def decode(data: Any, resolve: Callable[[int], Any], depth: int = 0) -> Any:
     """The value ``encode`` produced; ``resolve(n)`` turns handle n into the receiver's object."""
     if depth > MAX_DEPTH:
