@@ -38,6 +38,9 @@ MAX_STDOUT_BYTES = 1024 * 1024
 _MAX_FILE_BYTES = 16 * 1024 * 1024
 _PROCESSES = 16  # per sandboxed process tree: threads count too
 _JUDGE_MEMORY_MB = 1024
+# No environment variables, no user site; the judge also skips ``site`` (a few ms per start), the
+# program keeps it (``exit()`` / ``quit()`` are common in stdin/stdout solutions).
+_FLAGS = {"solution": ("-E", "-s"), "judge": ("-E", "-S")}
 
 
 @dataclass(frozen=True)
@@ -75,13 +78,13 @@ def _spawn(
     if isolated:
         inside = f"{SANDBOX_INPUT}/{source.name}"
         config = {**config, "source": inside, "uid": sandbox_uid()}
-        argv = [PYTHON, "-E", "-s", f"{SANDBOX_RUNTIME}/{role}.py", json.dumps(config)]
+        argv = [PYTHON, *_FLAGS[role], f"{SANDBOX_RUNTIME}/{role}.py", json.dumps(config)]
         command, cwd, env = bwrap_command(argv, {str(source): inside}), None, {}
     else:
         scratch = work / f"{role}_scratch"
         scratch.mkdir()
         config = {**config, "source": str(source), "uid": None}
-        command = [PYTHON, "-E", "-s", str(RUNTIME_DIR / f"{role}.py"), json.dumps(config)]
+        command = [PYTHON, *_FLAGS[role], str(RUNTIME_DIR / f"{role}.py"), json.dumps(config)]
         cwd, env = scratch, sandbox_env(str(scratch))
     stdin, stdout, stderr = streams
     return subprocess.Popen(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import builtins
 import json
 import sys
-import traceback
 from typing import IO, Any
 
 from limits import apply_limits
@@ -132,6 +131,8 @@ def main() -> None:
         _run(tests, channel)
         verdict = {"passed": True}
     except BaseException as exc:  # any failure of the tests is a verdict
+        import traceback  # only on failure: it costs a few ms at every start
+
         traceback.print_exc()
         verdict = {"passed": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
     verdict_pipe.write(json.dumps(verdict))
