@@ -189,7 +189,10 @@ class RolloutManager:
         if self.is_generator and mine:
             greedy = SamplingParams(self.rl.max_new_tokens, 0.0, 1.0, self.stop_ids, self.tokenizer.pad)
             gens = self.engine.generate([p.token_ids for p in mine], 1, greedy, seed=0)
-            jobs = [(self._reward_fn(p), self.decode(s.token_ids), p.reference) for p, (s,) in zip(mine, gens, strict=True)]
+            jobs = [
+                (self._reward_fn(p), self.decode(s.token_ids), p.reference)
+                for p, (s,) in zip(mine, gens, strict=True)
+            ]
             rewards = score_all(jobs)
             totals = [sum(rewards), sum(float(r >= 1.0) for r in rewards), float(len(rewards))]
         if dist.get_rank(parallel_state.get_model_parallel_group()) != 0:

@@ -51,7 +51,9 @@ def check_rl_recipe(recipe: Recipe) -> None:
             f"data.rl_path: {recipe.data.rl_path} does not exist (python -m data_prep rl)"
         )
     if rl.reward in CODE_REWARDS and not rl.unsafe_code_execution and not bubblewrap_available():
-        raise ValueError(f"rl.reward={rl.reward} runs model-written code, and no sandbox is available: {SETUP_HINT}")
+        raise ValueError(
+            f"rl.reward={rl.reward} runs model-written code, and no sandbox is available: {SETUP_HINT}"
+        )
     if rl.eval_interval and not rl.eval_path:
         raise ValueError("rl.eval_interval > 0 needs rl.eval_path")
     samples = rl.prompts_per_step * rl.group_size
