@@ -31,3 +31,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+
+# The RL code verifier sandbox (bubblewrap); prints what to do instead of failing without root.
+bash scripts/setup_bwrap.sh

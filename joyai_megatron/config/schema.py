@@ -208,6 +208,9 @@ class RLCfg:
     pass_rates: str | None = None  # JSON {prompt id: pass rate}; None estimates them at start
     pass_rate_rollouts: int = 10
     reward: str = "math"  # a registered reward, or "prompt" (each prompt's own verifier field)
+    # Code rewards refuse to run where bubblewrap is unusable; true runs model-written code with
+    # this process's file-system and network access instead (loud warning; docs/rl.md section 10).
+    unsafe_code_execution: bool = False
     eval_path: str | None = None  # held-out prompts (data_prep rl output) for greedy pass@1
     eval_interval: int = 0  # steps between evaluations (0: off); also before step 1 and at the end
     eval_prompts: int = 64

@@ -19,6 +19,7 @@ import torch
 
 from joyai_megatron.rl.advantages import group_advantages
 from joyai_megatron.rl.prompts import Prompt
+from joyai_megatron.rl.rewards.pool import score_all
 from joyai_megatron.rl.rollout.base import Sample
 
 
@@ -55,24 +56,22 @@ def score(
     decode: Callable[[list[int]], str],
     domain_index: dict[str, int],
 ) -> list[Trajectory]:
-    """Decode and score every sample; prompt-major, as ``group_advantages`` expects."""
-    out = []
-    for prompt, group, samples in zip(prompts, groups, generations, strict=True):
-        verify = reward_for(prompt)
-        for sample in samples:
-            reward = verify(decode(sample.token_ids), prompt.reference)
-            out.append(
-                Trajectory(
-                    prompt.token_ids,
-                    sample.token_ids,
-                    sample.logprobs,
-                    reward,
-                    group,
-                    domain_index[prompt.domain],
-                    routed_experts=sample.routed_experts,
-                )
-            )
-    return out
+    """Decode and score every sample (``score_all``: side by side); prompt-major, as
+    ``group_advantages`` expects."""
+    pairs = [(p, g, s) for p, g, samples in zip(prompts, groups, generations, strict=True) for s in samples]
+    rewards = score_all([(reward_for(p), decode(s.token_ids), p.reference) for p, _, s in pairs])
+    return [
+        Trajectory(
+            prompt.token_ids,
+            sample.token_ids,
+            sample.logprobs,
+            reward,
+            group,
+            domain_index[prompt.domain],
+            routed_experts=sample.routed_experts,
+        )
+        for (prompt, group, sample), reward in zip(pairs, rewards, strict=True)
+    ]
 
 
 def assign_advantages(

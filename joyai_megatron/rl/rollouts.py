@@ -27,6 +27,7 @@ from joyai_megatron.model.presets import ModelArch
 from joyai_megatron.rl.batch import RolloutStats, Trajectory, assign_advantages, score
 from joyai_megatron.rl.prompts import Prompt, PromptSampler
 from joyai_megatron.rl.replay import replay_mode
+from joyai_megatron.rl.rewards.pool import score_all
 from joyai_megatron.rl.rollout import SamplingParams, build_engine
 from joyai_megatron.rl.rollout.async_worker import BackgroundTask
 from joyai_megatron.rl.rollout.weight_sync import full_model_hf_weights
@@ -188,9 +189,12 @@ class RolloutManager:
         if self.is_generator and mine:
             greedy = SamplingParams(self.rl.max_new_tokens, 0.0, 1.0, self.stop_ids, self.tokenizer.pad)
             gens = self.engine.generate([p.token_ids for p in mine], 1, greedy, seed=0)
-            for prompt, (sample,) in zip(mine, gens, strict=True):
-                reward = self._reward_fn(prompt)(self.decode(sample.token_ids), prompt.reference)
-                totals = [totals[0] + reward, totals[1] + float(reward >= 1.0), totals[2] + 1.0]
+            jobs = [
+                (self._reward_fn(p), self.decode(s.token_ids), p.reference)
+                for p, (s,) in zip(mine, gens, strict=True)
+            ]
+            rewards = score_all(jobs)
+            totals = [sum(rewards), sum(float(r >= 1.0) for r in rewards), float(len(rewards))]
         if dist.get_rank(parallel_state.get_model_parallel_group()) != 0:
             totals = [0.0, 0.0, 0.0]
         out: list[Any] = [None] * dist.get_world_size()

@@ -11,6 +11,9 @@ from pathlib import Path
 from joyai_megatron.config.schema import Recipe
 from joyai_megatron.rl.objective import check_rl_config
 from joyai_megatron.rl.replay import replay_mode
+from joyai_megatron.rl.rewards.code_tests import CODE_REWARDS
+from joyai_megatron.rl.rewards.sandbox import bubblewrap_available, set_unsafe_code_execution
+from joyai_megatron.rl.rewards.sandbox.isolation import SETUP_HINT
 from joyai_megatron.training.distributed import read_dist_env
 from joyai_megatron.training.trainer import Trainer
 
@@ -47,6 +50,10 @@ def check_rl_recipe(recipe: Recipe) -> None:
         raise FileNotFoundError(
             f"data.rl_path: {recipe.data.rl_path} does not exist (python -m data_prep rl)"
         )
+    if rl.reward in CODE_REWARDS and not rl.unsafe_code_execution and not bubblewrap_available():
+        raise ValueError(
+            f"rl.reward={rl.reward} runs model-written code, and no sandbox is available: {SETUP_HINT}"
+        )
     if rl.eval_interval and not rl.eval_path:
         raise ValueError("rl.eval_interval > 0 needs rl.eval_path")
     samples = rl.prompts_per_step * rl.group_size
@@ -71,6 +78,7 @@ def check_rl_recipe(recipe: Recipe) -> None:
 class RLTrainer(Trainer):
     def __init__(self, recipe: Recipe, stage: type) -> None:
         check_rl_recipe(recipe)
+        set_unsafe_code_execution(recipe.rl.unsafe_code_execution)
         super().__init__(recipe, stage)
 
     def _build_model(self) -> list:

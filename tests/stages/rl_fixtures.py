@@ -79,12 +79,45 @@ def parity_reward(response: str, reference: str) -> float:
     return float(len(response) % 2 == 0)
 
 
+def code_parity_reward(response: str, reference: str) -> float:
+    """The ``code`` verifier end to end (extraction, sandbox, judge) on a program that returns the
+    response's length parity: a code reward with variance under any policy, even an untrained one."""
+    from joyai_megatron.rl.rewards import get_reward
+
+    del reference
+    program = f"```python\ndef parity():\n    return {len(response) % 2}\n```"
+    return get_reward("code")(program, "assert parity() == 0\n")
+
+
+_SANDBOXED_ANSWER_TESTS = (
+    "import re\nm = re.findall(r'Answer:\\s*(-?\\d+(?:\\.\\d+)?)', answer())\n"
+    "assert m and float(m[-1]) == float({reference!r})\n"
+)
+
+
+def sandboxed_math_format_reward(response: str, reference: str) -> float:
+    """``math_format`` with its correctness verdict from the code verifier's sandbox: the response
+    becomes ``def answer(): return <response>``, the judge's tests compare its last "Answer: N"
+    with the reference; the 0.2 format credit stays a regex (docs/rl.md section 10)."""
+    import re
+
+    from joyai_megatron.rl.rewards.sandbox import run_python_tests
+
+    program = f"def answer():\n    return {response!r}\n"
+    if run_python_tests(program, _SANDBOXED_ANSWER_TESTS.format(reference=reference), isolated=True).passed:
+        return 1.0
+    return 0.2 if re.search(r"(?:^|\n)\s*Answer:\s*-?\d+(?:\.\d+)?\s*$", response) else 0.0
+
+
 def register_test_rewards() -> None:
-    """The ``rl_test_parity`` reward the test recipes score with (once per process)."""
+    """The test rewards: ``rl_test_parity``, ``rl_test_code_parity``, ``rl_test_sandboxed_math_format``
+    (once per process)."""
     from joyai_megatron.rl.rewards import available_rewards, register_reward
 
     if "rl_test_parity" not in available_rewards():
         register_reward("rl_test_parity")(parity_reward)
+        register_reward("rl_test_code_parity")(code_parity_reward)
+        register_reward("rl_test_sandboxed_math_format")(sandboxed_math_format_reward)
 
 
 def rl_test_data(root: Path) -> tuple[Path, Path]:

@@ -336,6 +336,47 @@ def test_recipe_errors_name_the_key(rl_data, tmp_path):
             check_rl_recipe(load_recipe(str(path), [override]))
 
 
+def test_code_reward_steps_score_every_sample_in_the_sandbox(rl_data, tmp_path, shutdown, monkeypatch):
+    """Two FiberPO steps scored by the ``code`` verifier: every sample and evaluation prompt is one
+    isolated sandbox run (judge + solution processes), and the rewards are its verdicts."""
+    from joyai_megatron.rl.rewards import code_tests
+    from joyai_megatron.rl.rewards.sandbox import bubblewrap_available
+
+    if not bubblewrap_available():
+        pytest.skip("no isolation mechanism: bubblewrap is unusable here")
+    verdicts: list[bool] = []
+    original = code_tests.run_python_tests
+
+    def isolated_run(solution: str, tests: str, **limits):
+        result = original(solution, tests, isolated=True, **limits)
+        verdicts.append(result.passed)
+        return result
+
+    monkeypatch.setattr(code_tests, "run_python_tests", isolated_run)
+    tokenizer, prompts = rl_data
+    recipe = write_rl_recipe(
+        tmp_path, tokenizer, prompts, train={"train_iters": 2}, rl={"reward": "rl_test_code_parity"}
+    )
+    _, result, _ = train_rl(recipe)
+    history = result["history"]
+    rollout = history[0]
+    assert len(verdicts) == 2 * 4 + 2 * 4  # one rollout of 2 prompts x 4 samples, two evaluations of 4
+    assert any(verdicts) and not all(verdicts)
+    assert rollout["stage/reward"] == pytest.approx(sum(verdicts[4:12]) / 8)
+    assert any("stage/pg_loss" in h for h in history)
+
+
+def test_code_rewards_need_a_sandbox_or_the_opt_in(rl_data, tmp_path, monkeypatch):
+    from joyai_megatron.config.recipe import load_recipe
+    from joyai_megatron.rl import trainer
+
+    monkeypatch.setattr(trainer, "bubblewrap_available", lambda: False)
+    path = write_rl_recipe(tmp_path, *rl_data)
+    with pytest.raises(ValueError, match="unsafe_code_execution"):
+        trainer.check_rl_recipe(load_recipe(str(path), ["rl.reward=code"]))
+    trainer.check_rl_recipe(load_recipe(str(path), ["rl.reward=code", "rl.unsafe_code_execution=true"]))
+
+
 @pytest.mark.multiproc
 def test_tensor_parallel_two_ranks(rl_data, tmp_path):
     """TP=2 (sequence parallel): vocab-parallel log-probs and entropy, TP-gathered weight sync and

@@ -1,0 +1,1 @@
+"""Scripts that run inside the sandbox (standard library only; see ../run.py)."""
