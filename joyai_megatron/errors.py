@@ -7,10 +7,13 @@ line naming the file, key or tensor and what to do instead of a traceback; ``--d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 DEBUG_FLAG = "--debug"
@@ -35,8 +38,20 @@ class UserError(Exception):
         return text
 
 
-def is_disk_full(err: BaseException) -> bool:
-    """ENOSPC anywhere in the exception chain (worker processes re-raise it with its text only)."""
+# Below this much space left, a failed write is taken as a full disk: Megatron's writer processes
+# report ENOSPC as "Worker failure" (or a zip "unexpected pos"), dropping the errno.
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def is_disk_full(err: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """ENOSPC anywhere in the exception chain, or (given the path written) no space left there."""
+    if path is not None:
+        existing = Path(path)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(existing).free < _NEARLY_FULL_BYTES:
+                return True
     seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -146,8 +146,8 @@ def atomic_output_dir(
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(output)
-    except OSError as err:
-        if is_disk_full(err):
+    except Exception as err:
+        if is_disk_full(err, tmp):
             raise disk_full_error(output, err) from err
         raise
     finally:

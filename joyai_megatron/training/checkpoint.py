@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
 from joyai_megatron.checksums import (
     MANIFEST,
@@ -180,8 +181,8 @@ def save_checkpoint(
         dist.barrier()
         commit()
         dist.barrier()
-    except Exception as err:
-        if is_disk_full(err):
+    except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
+        if is_disk_full(err, tmp):
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise disk_full_error(tmp, err) from err
@@ -283,7 +284,7 @@ def load_checkpoint(
     state = model_sharded_state_dict(model)
     try:
         saved_keys = _saved_keys(path)
-    except Exception as err:
+    except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
         raise damaged_checkpoint_error(path, ".metadata", f"unreadable: {type(err).__name__}: {err}") from err
     # This run's optimizer tensors, by model-space key, under a key of their own: the checkpoint's
     # own non-tensor optimizer state comes back under "optimizer" (see training/optimizer_state.py).
@@ -301,7 +302,7 @@ def load_checkpoint(
     _drop_missing(state, saved_keys, allow_missing)
     try:
         loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    except Exception as err:
+    except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
         raise damaged_checkpoint_error(path, None, f"loading failed: {type(err).__name__}: {err}") from err
     for i, chunk in enumerate(model):
         _load_model_chunk(unwrap(chunk), loaded["model" if len(model) == 1 else f"model{i}"], allow_missing, path)
