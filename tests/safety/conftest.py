@@ -21,3 +21,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Run:
     result = run_joyai("pretrain", recipe, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     return Run(recipe, directory / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def exported(trained: Run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Hugging Face export of the shared run's newest checkpoint, never modified."""
+    from joyai_megatron.convert.to_hf import export_to_hf
+
+    output = tmp_path_factory.mktemp("exported") / "hf"
+    export_to_hf(trained.ckpt, output, max_shard_bytes=2 << 20, progress=False)
+    return output
