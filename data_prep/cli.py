@@ -160,10 +160,27 @@ def _main(argv: list[str]) -> int:
     try:
         result = run(args)
     except FileNotFoundError as err:
+        _note_earlier_outputs(args)
         raise DataPrepError("file not found", err.filename, err.strerror, "check the path") from err
+    except BaseException:
+        _note_earlier_outputs(args)
+        raise
     _report(result)
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _note_earlier_outputs(args: argparse.Namespace) -> None:
+    """A failed run publishes nothing; files already at its output paths are an earlier run's."""
+    if getattr(args, "output_prefix", None):
+        paths = [f"{args.output_prefix}{s}" for s in (".bin", ".idx", ".stats.json")]
+    elif args.command in ("sft", "dpo", "rl"):
+        paths = [args.output, f"{args.output}.stats.json"]
+    else:
+        return
+    old = [p for p in paths if os.path.exists(p)]
+    if old:
+        print(f"note: this run published nothing; {', '.join(old)} are from an earlier run", file=sys.stderr)
 
 
 def _report(result: object) -> None:

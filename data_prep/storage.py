@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,8 @@ class OutputSet:
     """A run's output files, written under temporary names and renamed together at the very end.
 
     A run that fails (bad data, full disk, Ctrl-C) publishes none of its files, so the directory
-    never holds a new data file beside an old stats file; the earlier run's set stays as it was,
-    and the failure says so.
+    never holds a new data file beside an old stats file; the earlier run's set stays as it was
+    (the CLI says so).
     """
 
     def __init__(self) -> None:
@@ -50,9 +49,6 @@ class OutputSet:
             return
         for staged, _ in self._pending:
             staged.unlink(missing_ok=True)
-        old = [str(final) for _, final in self._pending if final.exists()]
-        if old:
-            print(f"note: this run published nothing; {', '.join(old)} are an earlier run's", file=sys.stderr)
 
 
 def write_parquet(path: str | Path, table: pa.Table, metadata: dict[str, Any]) -> None:

@@ -31,3 +31,16 @@ def exported(trained: Run, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("exported") / "hf"
     export_to_hf(trained.ckpt, output, max_shard_bytes=2 << 20, progress=False)
     return output
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo byte-level BPE tokenizer, trained on the generated corpus (a few seconds)."""
+    from data_prep.demo import make_corpus
+    from data_prep.train_tokenizer import train_tokenizer
+
+    corpus = tmp_path_factory.mktemp("corpus")
+    make_corpus(corpus)
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer([str(corpus / "**" / "*.jsonl")], out)
+    return out
