@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from data_prep.errors import BadRecord, DataPrepError
+from data_prep.errors import DEFAULT_SKIP_FRACTION, DataPrepError, OutputLimits
+from joyai_megatron.errors import run_cli
 
 
 def _common(parser: argparse.ArgumentParser, needs_seq: bool = False) -> None:
@@ -17,6 +18,13 @@ def _common(parser: argparse.ArgumentParser, needs_seq: bool = False) -> None:
     )
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json or a directory holding one")
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail")
+    parser.add_argument(
+        "--max-skip-fraction",
+        type=float,
+        default=DEFAULT_SKIP_FRACTION,
+        help="with --on-error skip: fail when more of the records are dropped (default %(default)s)",
+    )
+    parser.add_argument("--allow-empty", action="store_true", help="write an empty output instead of failing")
     parser.add_argument("--engine", choices=("auto", "gigatoken", "hf"), default="auto")
     if needs_seq:
         parser.add_argument("--seq-length", type=int, default=4096)
@@ -76,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _limits(args: argparse.Namespace) -> OutputLimits:
+    return OutputLimits(allow_empty=args.allow_empty, max_skip_fraction=args.max_skip_fraction)
+
+
 def run(args: argparse.Namespace) -> object:
     """Dispatch one parsed command; returns what to print as JSON."""
     if args.command == "pretrain":
@@ -95,6 +107,7 @@ def run(args: argparse.Namespace) -> object:
                 verify_bytes=args.verify_bytes,
                 keep_shards=args.keep_shards,
                 progress=not args.no_progress,
+                limits=_limits(args),
             )
         )
     if args.command == "train-tokenizer":
@@ -110,7 +123,9 @@ def run(args: argparse.Namespace) -> object:
         from data_prep.sft import prepare_sft
 
         prepare = prepare_sft if args.command == "sft" else prepare_dpo
-        return prepare(args.input, args.tokenizer, args.output, args.seq_length, args.on_error, args.engine)
+        return prepare(
+            args.input, args.tokenizer, args.output, args.seq_length, args.on_error, args.engine, _limits(args)
+        )
     if args.command == "rl":
         from data_prep.rl import prepare_rl
 
@@ -123,6 +138,7 @@ def run(args: argparse.Namespace) -> object:
             not args.no_thinking,
             args.on_error,
             args.engine,
+            _limits(args),
         )
     if args.command == "blend":
         from data_prep.blend import data_path_args, load_blend
@@ -135,14 +151,44 @@ def run(args: argparse.Namespace) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors the user can fix print one line and exit 2 (``--debug``: the traceback)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = run(args)
-    except BadRecord as err:
-        print(f"error: {err}\n(--on-error skip counts and drops such records)", file=sys.stderr)
-        return 1
-    except (DataPrepError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except FileNotFoundError as err:
+        _note_earlier_outputs(args)
+        raise DataPrepError("file not found", err.filename, err.strerror, "check the path") from err
+    except BaseException:
+        _note_earlier_outputs(args)
+        raise
+    _report(result)
     print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _note_earlier_outputs(args: argparse.Namespace) -> None:
+    """A failed run publishes nothing; files already at its output paths are an earlier run's."""
+    if getattr(args, "output_prefix", None):
+        paths = [f"{args.output_prefix}{s}" for s in (".bin", ".idx", ".stats.json")]
+    elif args.command in ("sft", "dpo", "rl"):
+        paths = [args.output, f"{args.output}.stats.json"]
+    else:
+        return
+    old = [p for p in paths if os.path.exists(p)]
+    if old:
+        print(f"note: this run published nothing; {', '.join(old)} are from an earlier run", file=sys.stderr)
+
+
+def _report(result: object) -> None:
+    """Skips and warnings on stderr too: the JSON on stdout is easy to pipe away unread."""
+    if not isinstance(result, dict):
+        return
+    for kind in ("skipped", "warnings"):
+        counts = result.get(kind) or {}
+        if counts:
+            listed = ", ".join(f"{name}: {n}" for name, n in sorted(counts.items()))
+            print(f"{'warning' if kind == 'warnings' else 'skipped'}: {listed}", file=sys.stderr)

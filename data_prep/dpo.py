@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep.chat import encode_rendered, parse_conversation, parse_messages, render
-from data_prep.errors import BadRecord, ErrorPolicy, OnError
+from data_prep.errors import BadRecord, DataPrepError, ErrorPolicy, OnError, OutputLimits
 from data_prep.pretrain import expand_inputs
 from data_prep.readers import iter_records
 from data_prep.sft import shift_labels, template_sha256
-from data_prep.storage import list_column, read_parquet, write_json_atomic, write_parquet_atomic
+from data_prep.storage import OutputSet, list_column, read_parquet, write_json, write_parquet
 from data_prep.tokenizer import Engine, make_encoder, tokenizer_info
 
 PREFERENCE_FORMAT = "joyai-preference/1"
@@ -71,9 +71,15 @@ def prepare_dpo(
     seq_length: int,
     on_error: OnError = "fail",
     engine: Engine = "auto",
+    limits: OutputLimits | None = None,
 ) -> dict[str, Any]:
-    """Validate, render and tokenize preference pairs; writes ``output`` and its ``.stats.json``."""
-    policy = ErrorPolicy(on_error)
+    """Validate, render and tokenize preference pairs; writes ``output`` and its ``.stats.json``.
+
+    A pair whose chosen and rejected replies are the same text teaches nothing (its DPO gradient is
+    zero): such pairs are kept but counted as ``identical_pair`` warnings, and a set made only of
+    them is refused.
+    """
+    policy = ErrorPolicy(on_error, limits)
     info = tokenizer_info(tokenizer)
     encoder = make_encoder(tokenizer, engine)
     sources, rendered = [], []
@@ -96,25 +102,23 @@ def prepare_dpo(
         if longest > seq_length:
             policy.handle(BadRecord(path, line, "too_long", f"{longest} tokens > --seq-length {seq_length}"))
             continue
+        if np.array_equal(pair[0][0], pair[1][0]):
+            policy.warn("identical_pair")
         for side, (ids, mask) in zip(SIDES, pair, strict=True):
             columns[f"{side}_input_ids"].append(ids)
             columns[f"{side}_assistant_mask"].append(mask)
+    kept = len(columns["chosen_input_ids"])
+    policy.check_outcome(kept, "preference pairs", output)
+    if kept and policy.warnings["identical_pair"] == kept:
+        raise DataPrepError(
+            "unusable preference data", output, f"all {kept} pairs have chosen == rejected",
+            "check which fields hold the chosen and the rejected reply",
+        )  # fmt: skip
     table = pa.table(
         {
             name: pa.array(values, type=pa.list_(pa.int32() if name.endswith("ids") else pa.uint8()))
             for name, values in columns.items()
         }
-    )
-    write_parquet_atomic(
-        output,
-        table,
-        {
-            "format": PREFERENCE_FORMAT,
-            "seq_length": seq_length,
-            "pad_id": info.pad_id,
-            "tokenizer_sha256": info.sha256,
-            "template_sha256": template_sha256(),
-        },
     )
     stats = {
         "output": output,
@@ -123,9 +127,22 @@ def prepare_dpo(
         "seq_length": seq_length,
         "tokens": int(sum(len(ids) for side in SIDES for ids in columns[f"{side}_input_ids"])),
         "skipped": dict(sorted(policy.skipped.items())),
+        "warnings": dict(sorted(policy.warnings.items())),
         "engine": encoder.name,
     }
-    write_json_atomic(f"{output}.stats.json", stats)
+    with OutputSet() as out:
+        write_parquet(
+            out.stage(output),
+            table,
+            {
+                "format": PREFERENCE_FORMAT,
+                "seq_length": seq_length,
+                "pad_id": info.pad_id,
+                "tokenizer_sha256": info.sha256,
+                "template_sha256": template_sha256(),
+            },
+        )
+        write_json(out.stage(f"{output}.stats.json"), stats)
     return stats
 
 

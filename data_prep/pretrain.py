@@ -3,7 +3,8 @@
 Each input file becomes ``PREFIX.shards/NNNNN.{bin,idx,json}``; the JSON is written last and
 records the shard's fingerprint (input size and mtime, tokenizer hash, options), so a rerun skips
 every shard whose JSON matches and the merged output is byte-identical to an uninterrupted run.
-Shards are merged in input order into ``PREFIX.{bin,idx}`` plus ``PREFIX.stats.json``.
+Shards are merged in input order into ``PREFIX.partial.{bin,idx}``, renamed to ``PREFIX.{bin,idx}``
+together with ``PREFIX.stats.json`` only when the whole run succeeded.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import indexed
-from data_prep.errors import DataPrepError, ErrorPolicy, OnError
+from data_prep.errors import DataPrepError, ErrorPolicy, OnError, OutputLimits, check_outcome
 from data_prep.readers import iter_texts
-from data_prep.storage import write_json_atomic
+from data_prep.storage import OutputSet, write_json, write_json_atomic
 from data_prep.tokenizer import Encoder, Engine, HFEncoder, make_encoder, tokenizer_info
 
 DEFAULT_MAX_DOC_BYTES = 64 << 20
@@ -48,6 +49,7 @@ class PretrainConfig:
     verify_bytes: int = 16 << 10
     keep_shards: bool = False
     progress: bool = True
+    limits: OutputLimits = field(default_factory=OutputLimits)
 
 
 @dataclass(frozen=True)
@@ -270,11 +272,14 @@ def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
         for job, stats in zip(todo, _run_jobs(todo, config.workers, bar), strict=True):
             finished[job.index] = stats
     shards = [finished[job.index] for job in jobs]
-    indexed.merge([job.prefix for job in jobs], prefix)
-    elapsed = time.perf_counter() - start
     skipped: Counter[str] = Counter()
     for stats in shards:
         skipped.update(stats.skipped)
+    check_outcome(sum(s.documents for s in shards), skipped, config.limits, "documents", prefix + ".bin")
+    # The merge writes a staging prefix; .bin, .idx and stats replace an older run's set together.
+    staging = prefix + ".partial"
+    indexed.merge([job.prefix for job in jobs], staging)
+    elapsed = time.perf_counter() - start
     tokens = sum(s.tokens for s in shards)
     result = {
         "output_prefix": prefix,
@@ -296,7 +301,10 @@ def run_pretrain(config: PretrainConfig) -> dict[str, Any]:
         },
         "shards": [asdict(s) for s in shards],
     }
-    write_json_atomic(Path(prefix + ".stats.json"), result)
+    with OutputSet() as out:
+        for suffix in (".idx", ".bin"):
+            out.stage(prefix + suffix, staging + suffix)
+        write_json(out.stage(prefix + ".stats.json"), result)
     if not config.keep_shards:
         shutil.rmtree(shard_dir)
     return result

@@ -28,12 +28,58 @@ def is_parquet(path: str | Path) -> bool:
     return str(path).endswith(PARQUET_SUFFIXES)
 
 
+class _ZstdFrames(io.RawIOBase):
+    """Every frame of a ``.zst`` file, raising ``EOFError`` where the input ends inside a frame.
+
+    zstandard's ``stream_reader`` just stops at a cut-off frame, so a file truncated inside its
+    first frame read as empty and a later cut read as one broken JSON line; gzip already raises.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._raw = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._inside = False  # input fed since the last complete frame
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._pos == len(self._out):
+            data = self._raw.read(1 << 20)
+            if not data:
+                if self._inside:
+                    raise EOFError("the zstd stream ends inside a frame (truncated file)")
+                return 0
+            self._out, self._pos = self._decompress(data), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        parts = []
+        while data:
+            parts.append(self._frame.decompress(data))
+            self._inside = True
+            if not self._frame.eof:
+                break
+            data = self._frame.unused_data
+            self._frame = zstandard.ZstdDecompressor().decompressobj()
+            self._inside = False
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def _open_binary(path: str) -> IO[bytes]:
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith((".zst", ".zstd")):
-        raw = open(path, "rb")  # noqa: SIM115 - closed through the wrapping reader
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        return io.BufferedReader(_ZstdFrames(path))
     return open(path, "rb")  # noqa: SIM115 - caller closes
 
 

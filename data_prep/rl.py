@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from data_prep.chat import Conversation, parse_messages, parse_tools, render
-from data_prep.errors import BadRecord, ErrorPolicy, OnError
+from data_prep.errors import BadRecord, ErrorPolicy, OnError, OutputLimits
 from data_prep.pretrain import expand_inputs
 from data_prep.readers import iter_records
-from data_prep.storage import write_json_atomic
+from data_prep.storage import OutputSet, write_json
 from data_prep.tokenizer import Engine, encode_each, make_encoder
 
 
@@ -74,9 +74,14 @@ def prepare_rl(
     enable_thinking: bool = True,
     on_error: OnError = "fail",
     engine: Engine = "auto",
+    limits: OutputLimits | None = None,
 ) -> dict[str, Any]:
-    """Render and tokenize every prompt; writes ``output`` (JSONL) and its ``.stats.json``."""
-    policy = ErrorPolicy(on_error)
+    """Render and tokenize every prompt; writes ``output`` (JSONL) and its ``.stats.json``.
+
+    Repeated ids (rollout groups and replay are keyed by id) and verifiers no reward is registered
+    under (``rl.reward: prompt`` would fail on them mid-run) are counted as named warnings.
+    """
+    policy = ErrorPolicy(on_error, limits)
     encoder = make_encoder(tokenizer, engine)
     prompts: list[dict[str, Any]] = []
     records = 0
@@ -105,14 +110,10 @@ def prepare_rl(
                 )
             except BadRecord as err:
                 policy.handle(err)
+    policy.check_outcome(len(prompts), "prompts", output)
+    _semantic_warnings(prompts, policy)
     for prompt, ids in zip(prompts, encode_each(encoder, [p["prompt"] for p in prompts]), strict=True):
         prompt["prompt_ids"] = ids.tolist()
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{output}.tmp"
-    with open(tmp, "w", encoding="utf-8") as out:
-        for prompt in prompts:
-            out.write(json.dumps(asdict(RLPrompt(**prompt)), ensure_ascii=False) + "\n")
-    os.replace(tmp, output)
     domains: dict[str, int] = {}
     for prompt in prompts:
         domains[prompt["domain"]] = domains.get(prompt["domain"], 0) + 1
@@ -122,10 +123,26 @@ def prepare_rl(
         "prompts": len(prompts),
         "domains": dict(sorted(domains.items())),
         "skipped": dict(sorted(policy.skipped.items())),
+        "warnings": dict(sorted(policy.warnings.items())),
         "engine": encoder.name,
     }
-    write_json_atomic(f"{output}.stats.json", stats)
+    with OutputSet() as out:
+        with open(out.stage(output), "w", encoding="utf-8") as f:
+            for prompt in prompts:
+                f.write(json.dumps(asdict(RLPrompt(**prompt)), ensure_ascii=False) + "\n")
+        write_json(out.stage(f"{output}.stats.json"), stats)
     return stats
+
+
+def _semantic_warnings(prompts: list[dict[str, Any]], policy: ErrorPolicy) -> None:
+    from joyai_megatron.rl.rewards import available_rewards
+
+    duplicates = sum(n - 1 for n in Counter(p["id"] for p in prompts).values())
+    if duplicates:
+        policy.warn("duplicate_id", duplicates)
+    known = set(available_rewards())
+    for name, n in Counter(p["verifier"] for p in prompts if p["verifier"] not in known).items():
+        policy.warn(f"unknown_verifier:{name}", n)
 
 
 def read_rl_prompts(path: str | Path) -> list[RLPrompt]:

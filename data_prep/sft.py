@@ -21,11 +21,11 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep.chat import TEMPLATE_PATH, encode_rendered, parse_conversation, render
-from data_prep.errors import BadRecord, ErrorPolicy, OnError
+from data_prep.errors import BadRecord, ErrorPolicy, OnError, OutputLimits
 from data_prep.packing import best_fit_decreasing
 from data_prep.pretrain import expand_inputs
 from data_prep.readers import iter_records
-from data_prep.storage import list_column, read_parquet, write_json_atomic, write_parquet_atomic
+from data_prep.storage import OutputSet, list_column, read_parquet, write_json, write_parquet
 from data_prep.tokenizer import Engine, make_encoder, tokenizer_info
 
 SFT_FORMAT = "joyai-packed-sft/1"
@@ -43,9 +43,10 @@ def prepare_sft(
     seq_length: int,
     on_error: OnError = "fail",
     engine: Engine = "auto",
+    limits: OutputLimits | None = None,
 ) -> dict[str, Any]:
     """Validate, render, tokenize and pack; writes ``output`` and ``output``'s ``.stats.json``."""
-    policy = ErrorPolicy(on_error)
+    policy = ErrorPolicy(on_error, limits)
     info = tokenizer_info(tokenizer)
     encoder = make_encoder(tokenizer, engine)
     sequences: list[tuple[np.ndarray, np.ndarray]] = []
@@ -74,6 +75,7 @@ def prepare_sft(
             if len(pending) >= _ENCODE_CHUNK:
                 flush()
     flush()
+    policy.check_outcome(len(sequences), "conversations", output)
     rows = best_fit_decreasing([len(ids) for ids, _ in sequences], seq_length)
     table = pa.table(
         {
@@ -88,17 +90,6 @@ def prepare_sft(
                 type=pa.list_(pa.int32()),
             ),
         }
-    )
-    write_parquet_atomic(
-        output,
-        table,
-        {
-            "format": SFT_FORMAT,
-            "seq_length": seq_length,
-            "pad_id": info.pad_id,
-            "tokenizer_sha256": info.sha256,
-            "template_sha256": template_sha256(),
-        },
     )
     tokens = sum(len(ids) for ids, _ in sequences)
     capacity = len(rows) * seq_length
@@ -115,7 +106,19 @@ def prepare_sft(
         "skipped": dict(sorted(policy.skipped.items())),
         "engine": encoder.name,
     }
-    write_json_atomic(f"{output}.stats.json", stats)
+    with OutputSet() as out:
+        write_parquet(
+            out.stage(output),
+            table,
+            {
+                "format": SFT_FORMAT,
+                "seq_length": seq_length,
+                "pad_id": info.pad_id,
+                "tokenizer_sha256": info.sha256,
+                "template_sha256": template_sha256(),
+            },
+        )
+        write_json(out.stage(f"{output}.stats.json"), stats)
     return stats
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from data_prep.errors import DataPrepError
+from joyai_megatron.training.tokenizer import load_tokenizer_file
 
 Engine = Literal["auto", "gigatoken", "hf"]
 DEFAULT_EOD = "<|end_of_text|>"
@@ -64,7 +65,7 @@ def _config_token(path: Path, key: str) -> str | None:
 def tokenizer_info(path: str | Path, eod_token: str | None = None) -> TokenizerInfo:
     """Describe a tokenizer; EOD defaults to the config's ``eos_token``, else ``<|end_of_text|>``."""
     json_path = resolve_tokenizer_json(path)
-    tokenizer = Tokenizer.from_file(str(json_path))
+    tokenizer = load_tokenizer_file(json_path)
     eod = eod_token or _config_token(json_path, "eos_token") or DEFAULT_EOD
     pad = _config_token(json_path, "pad_token")
     eod_id = token_id(tokenizer, eod, json_path)
@@ -92,7 +93,7 @@ class HFEncoder:
     name = "hf"
 
     def __init__(self, path: str | Path) -> None:
-        self.tokenizer = Tokenizer.from_file(str(resolve_tokenizer_json(path)))
+        self.tokenizer = load_tokenizer_file(resolve_tokenizer_json(path))
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)

@@ -8,6 +8,8 @@ import importlib
 import json
 import sys
 
+from joyai_megatron.errors import run_cli
+
 # stage name -> (module, class); imported lazily so `count` and `plan` stay light.
 STAGES = {
     "pretrain": ("joyai_megatron.stages.pretrain", "PretrainStage"),
@@ -20,12 +22,14 @@ STAGES = {
 
 def run_stage(stage: str, recipe_path: str, overrides: list[str]) -> dict:
     """Load the recipe, run the stage on the shared trainer, and tear down process groups."""
-    from joyai_megatron.config.recipe import load_recipe
+    from joyai_megatron.config.recipe import RecipeError, load_recipe
     from joyai_megatron.training.distributed import shutdown
 
     recipe = load_recipe(recipe_path, overrides)
     if recipe.stage != stage:
-        raise SystemExit(f"{recipe_path}: recipe is for stage '{recipe.stage}', not '{stage}'")
+        raise RecipeError(
+            "wrong stage", f"{recipe_path}: stage", f"the recipe is for '{recipe.stage}'", f"run `{recipe.stage}`"
+        )
     module, cls = STAGES[stage]
     try:
         stage_cls = getattr(importlib.import_module(module), cls)
@@ -62,7 +66,11 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    raw = sys.argv[1:] if argv is None else argv
+    """Errors the user can fix print one line and exit 2 (``--debug``: the traceback)."""
+    return run_cli(_main, argv)
+
+
+def _main(raw: list[str]) -> int:
     if raw[:1] == ["smoke"]:
         from joyai_megatron.smoke import main as smoke_main
 
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU dense BF16 peak")
     p.add_argument("--reserve-gb", type=float, default=None, help="default: 3 GB + 10%% of the GPU")
     sub.add_parser("smoke", help="train shipped recipes a few steps on one GPU (see `smoke --help`)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(raw)
     if args.command == "count":
         return _count(args)
     if args.command == "plan":

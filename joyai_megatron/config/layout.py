@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from joyai_megatron.config.schema import Recipe
+from joyai_megatron.errors import UserError
 from joyai_megatron.model.presets import ModelArch
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A parallel layout that cannot run; the message names the offending values."""
 
 

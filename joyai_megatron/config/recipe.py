@@ -12,9 +12,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from joyai_megatron.config.schema import Recipe
+from joyai_megatron.errors import UserError
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that cannot be used; the message names the file and key."""
 
 
@@ -75,13 +76,35 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Resolve a recipe file, its bases and the overrides into a typed ``Recipe``."""
     chain, dotlist = _load_yaml_chain(Path(path)), parse_overrides(overrides or [])
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Recipe), chain, dotlist)
-        merged.base = None
-        recipe = OmegaConf.to_object(merged)
+        merged = OmegaConf.merge(OmegaConf.structured(Recipe), chain)
     except Exception as err:  # omegaconf type errors name the key and value
         raise RecipeError(f"{path}: {err}") from err
+    try:  # merged separately so a bad override is blamed on the command line, not the file
+        merged = OmegaConf.merge(merged, dotlist)
+    except Exception as err:
+        where, why = _override_for(err, overrides or []), str(err).splitlines()[0]
+        raise RecipeError("bad command-line override", where, why, "fix the value after '='") from err
+    merged.base = None
+    recipe = OmegaConf.to_object(merged)
     assert isinstance(recipe, Recipe)
+    _check_values(recipe, str(path))
     return recipe
+
+
+def _override_for(err: Exception, overrides: list[str]) -> str:
+    """The ``key=value`` an omegaconf merge error is about (its ``full_key``), else all of them."""
+    key = str(getattr(err, "full_key", "") or "")
+    named = [o for o in overrides if o.split("=", 1)[0] == key]
+    return named[0] if named else " ".join(overrides)
+
+
+def _check_values(recipe: Recipe, where: str) -> None:
+    """Values that type-check but cannot mean anything (a run of -5 steps writes iter_0000000)."""
+    t = recipe.train
+    for key, value in (("train.train_iters", t.train_iters), ("train.train_tokens", t.train_tokens)):
+        if value is not None and value <= 0:
+            why, fix = f"{value} is not a positive length", "give a number of steps (or tokens) above 0"
+            raise RecipeError(f"invalid value in {where} or its overrides", key, why, fix)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -139,6 +139,9 @@ class CheckpointCfg:
     # so its own resumes are exact.
     resume_optimizer: bool | None = None
     allow_missing: list[str] = field(default_factory=list)  # key substrings absent in load
+    # Train from step 0 although checkpoint.dir holds iter_* directories none of which is complete
+    # (a dir with a complete checkpoint always resumes; see docs/failure_modes.md).
+    allow_fresh_start: bool = False
     async_save: bool = False  # write in a background process while training continues
     exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from joyai_megatron.convert.common import ConversionError
+from joyai_megatron.errors import run_cli
 
 
 def _size(text: str) -> int:
@@ -47,10 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     v = sub.add_parser(
-        "verify", help="check that a Megatron checkpoint and an HF directory hold the same model"
+        "verify",
+        help="check files against their checksums.json and, with --hf, that a Megatron checkpoint and an "
+        "HF directory hold the same model",
     )
     v.add_argument("--checkpoint", required=True)
-    v.add_argument("--hf", required=True)
+    v.add_argument("--hf", help="the HF export to compare with (default: only the checksum check)")
     v.add_argument("--no-mtp", action="store_true")
     v.add_argument("--dtype", default="keep", help="the --dtype the export was made with")
     v.add_argument("--logits", action="store_true", help="also compare logits and greedy decoding on CPU")
@@ -65,68 +67,72 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors the user can fix print one line and exit 2 (``--debug``: the traceback)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     progress = not args.no_progress
-    try:
-        if args.command == "to-hf":
-            from joyai_megatron.convert.to_hf import export_to_hf
+    if args.command == "to-hf":
+        from joyai_megatron.convert.to_hf import export_to_hf
 
-            r = export_to_hf(
-                args.checkpoint,
-                args.output,
-                model_type=args.model_type,
-                include_mtp=not args.no_mtp,
-                dtype=args.dtype,
-                max_shard_bytes=args.max_shard_size,
-                threads=args.threads,
-                overwrite=args.overwrite,
-                progress=progress,
-            )
-            print(
-                f"to-hf: {r.tensors} tensors, {r.bytes / 2**30:.3f} GiB in {r.shards} shards -> {r.output} "
-                f"({r.seconds:.1f} s, {r.bytes / 2**30 / max(r.seconds, 1e-9):.2f} GiB/s)"
-            )
-        elif args.command == "from-hf":
-            from joyai_megatron.convert.from_hf import import_from_hf
+        r = export_to_hf(
+            args.checkpoint,
+            args.output,
+            model_type=args.model_type,
+            include_mtp=not args.no_mtp,
+            dtype=args.dtype,
+            max_shard_bytes=args.max_shard_size,
+            threads=args.threads,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+        print(
+            f"to-hf: {r.tensors} tensors, {r.bytes / 2**30:.3f} GiB in {r.shards} shards -> {r.output} "
+            f"({r.seconds:.1f} s, {r.bytes / 2**30 / max(r.seconds, 1e-9):.2f} GiB/s)"
+        )
+    elif args.command == "from-hf":
+        from joyai_megatron.convert.from_hf import import_from_hf
 
-            r = import_from_hf(
-                args.hf,
-                args.output,
-                dtype=args.dtype,
-                names=args.names,
-                include_mtp=not args.no_mtp,
-                threads=args.threads,
-                overwrite=args.overwrite,
-                progress=progress,
-            )
-            print(
-                f"from-hf: {r.chunks} chunks, {r.bytes / 2**30:.3f} GiB -> {r.iteration_dir} ({r.seconds:.1f} s)"
-            )
+        r = import_from_hf(
+            args.hf,
+            args.output,
+            dtype=args.dtype,
+            names=args.names,
+            include_mtp=not args.no_mtp,
+            threads=args.threads,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+        print(
+            f"from-hf: {r.chunks} chunks, {r.bytes / 2**30:.3f} GiB -> {r.iteration_dir} ({r.seconds:.1f} s)"
+        )
+    else:
+        from joyai_megatron.convert.verify import verify
+
+        r = verify(
+            args.checkpoint,
+            args.hf,
+            include_mtp=not args.no_mtp,
+            dtype=args.dtype,
+            logits=args.logits,
+            logits_tolerance=args.tolerance,
+            progress=progress,
+        )
+        if args.hf is None:
+            print("verify: OK, every file matches checksums.json" if not r.notes else "verify: nothing checked")
         else:
-            from joyai_megatron.convert.verify import verify
-
-            r = verify(
-                args.checkpoint,
-                args.hf,
-                include_mtp=not args.no_mtp,
-                dtype=args.dtype,
-                logits=args.logits,
-                logits_tolerance=args.tolerance,
-                progress=progress,
-            )
             print(
                 f"verify: OK, {r.tensors} tensors ({r.bytes / 2**30:.3f} GiB) written exactly once and equal"
             )
-            if r.max_logit_diff is not None:
-                print(
-                    f"verify: max |logit diff| {r.max_logit_diff:.3g}, greedy generations "
-                    f"{'identical' if r.greedy_match else 'differ'}"
-                )
-            for note in r.notes:
-                print(f"verify: note: {note}")
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        if r.max_logit_diff is not None:
+            print(
+                f"verify: max |logit diff| {r.max_logit_diff:.3g}, greedy generations "
+                f"{'identical' if r.greedy_match else 'differ'}"
+            )
+        for note in r.notes:
+            print(f"verify: note: {note}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from joyai_megatron.errors import UserError, disk_full_error, is_disk_full
 
-class ConversionError(RuntimeError):
+
+class ConversionError(UserError, RuntimeError):
     """A checkpoint that cannot be converted as asked; the message names the tensor or key."""
 
 
@@ -69,17 +72,57 @@ def dtype_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+OUTPUT_MARKER = ".joyai-convert.json"  # written into every output; --overwrite replaces only these
+
+
+def check_paths_apart(output: Path, inputs: list[str | os.PathLike]) -> None:
+    """Refuse an output that is, contains or lies inside an input: replacing it would delete the input."""
+    for given in inputs:
+        source = Path(given).resolve()
+        if output == source:
+            relation = "is"
+        elif output in source.parents:
+            relation = "contains"
+        elif source in output.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise ConversionError(
+            "output overlaps the input",
+            f"--output {output}",
+            f"it {relation} the input {source}",
+            "write the output to a directory of its own, outside the input",
+        )
+
+
+def _check_replaceable(output: Path, overwrite: bool) -> None:
+    if not output.exists():
+        return
+    if not overwrite:
+        raise ConversionError(f"output {output} already exists (pass --overwrite to replace it)")
+    if not output.is_dir() or (any(output.iterdir()) and not (output / OUTPUT_MARKER).is_file()):
+        raise ConversionError(
+            "refusing to overwrite",
+            str(output),
+            f"--overwrite replaces only directories this tool wrote (with {OUTPUT_MARKER}); this one has none",
+            "remove it yourself if it really is disposable, or choose another --output",
+        )
+
+
 @contextlib.contextmanager
-def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    output: str | os.PathLike, overwrite: bool = False, inputs: list[str | os.PathLike] | None = None
+) -> Iterator[Path]:
     """Yield a fresh ``<output>.tmp-*`` sibling; rename it to ``output`` only on success.
 
     An interrupted or failed conversion (exception, Ctrl-C, SIGTERM) removes the temporary
     directory, so a half-written export never looks like a finished one.  A kill -9 can leave the
-    ``.tmp-*`` directory behind but never ``output`` itself.
+    ``.tmp-*`` directory behind but never ``output`` itself.  ``output`` may not overlap ``inputs``,
+    and ``overwrite`` replaces only an earlier output of this tool (its marker present).
     """
     output = Path(output).resolve()
-    if output.exists() and not overwrite:
-        raise ConversionError(f"output {output} already exists (pass --overwrite to replace it)")
+    check_paths_apart(output, inputs or [])
+    _check_replaceable(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{output.name}.tmp-", dir=output.parent))
     umask = os.umask(0)
@@ -94,6 +137,8 @@ def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Ite
         previous = signal.signal(signal.SIGTERM, _on_term)
     try:
         yield tmp
+        marker = {"written_by": "joyai_megatron", "inputs": [str(i) for i in inputs or []]}
+        (tmp / OUTPUT_MARKER).write_text(json.dumps(marker) + "\n")
         if output.exists():
             old = output.with_name(f"{output.name}.old-{os.getpid()}")
             output.rename(old)
@@ -101,6 +146,10 @@ def atomic_output_dir(output: str | os.PathLike, overwrite: bool = False) -> Ite
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(output)
+    except Exception as err:
+        if is_disk_full(err, tmp):
+            raise disk_full_error(output, err) from err
+        raise
     finally:
         _remove_tree(tmp)
         if previous is not None:

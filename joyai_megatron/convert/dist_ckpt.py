@@ -49,8 +49,9 @@ from torch.distributed.checkpoint.planner import (
 )
 
 from joyai_megatron.convert.common import ConversionError, fmt_shape
+from joyai_megatron.training.checkpoint_scan import TRACKER as TRACKER_FILE
+from joyai_megatron.training.checkpoint_scan import require_complete, resolve_checkpoint
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MEGATRON_BACKEND_MARKER = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "mtp.", "output_layer.")
 
@@ -99,13 +100,16 @@ def extra_state_key(param: str, num_experts: int) -> str | None:
 
 
 def resolve_iteration_dir(path: str | os.PathLike) -> Path:
-    """``<ckpt_dir>`` (follow the tracker file) or ``<ckpt_dir>/iter_NNNNNNN`` -> the iteration dir."""
+    """``<ckpt_dir>`` (its newest complete ``iter_*``) or one complete iteration directory.
+
+    Never an ``iter_*.tmp`` or a directory without its ``COMPLETE`` marker: exporting a save that
+    was still running (or was killed) would publish a partial model.
+    """
     path = Path(path)
-    tracker = path / TRACKER_FILE
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        name = "release" if text == "release" else f"iter_{int(text):07d}"
-        path = path / name
+    if (path / "metadata.json").is_file():
+        require_complete(path)
+    else:
+        path = resolve_checkpoint(path)
     if not (path / "metadata.json").is_file():
         raise ConversionError(
             f"{path} is not a torch_dist checkpoint (no metadata.json); pass <ckpt_dir> with "

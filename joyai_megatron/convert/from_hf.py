@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from joyai_megatron.checksums import hash_directory
 from joyai_megatron.config.recipe import save_resolved_recipe
 from joyai_megatron.config.schema import Recipe
 from joyai_megatron.convert.common import (
@@ -45,6 +46,7 @@ from joyai_megatron.convert.hf_io import HFCheckpoint
 from joyai_megatron.convert.mapping import MappingTable, mapping_table
 from joyai_megatron.convert.plan import check_hf, row_regions, row_storage_names, storage_shapes
 from joyai_megatron.model.presets import ModelArch
+from joyai_megatron.training.checkpoint_scan import COMPLETE
 
 KEEP_FP32 = ("e_score_correction_bias",)
 _RECIPE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -145,12 +147,14 @@ def import_from_hf(
     total = sum(math.prod(c.sizes) * c.dtype.itemsize for c in chunks)
     main_dtype = chunks[0].dtype
     iter_name = f"iter_{iteration:07d}"
-    with atomic_output_dir(output, overwrite) as tmp:
+    with atomic_output_dir(output, overwrite, inputs=[hf_dir]) as tmp:
         with tqdm(
             total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="from-hf", disable=not progress
         ) as bar:
             write_dist_checkpoint(tmp / iter_name, chunks, objects, threads=threads, on_write=bar.update)
         save_resolved_recipe(recipe_for(arch, hf_dir, main_dtype, names), tmp / iter_name)
+        hash_directory(tmp / iter_name, threads)
+        (tmp / iter_name / COMPLETE).write_text(str(iteration))
         (tmp / TRACKER_FILE).write_text(str(iteration))
     out = Path(output).resolve()
     return ImportResult(out, out / iter_name, len(chunks), total, time.perf_counter() - start)

@@ -26,8 +26,13 @@ def load_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{hf_dir}: no config.json")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConversionError("malformed config.json", str(path), str(err), "restore the file") from err
+    if not isinstance(config, dict):
+        raise ConversionError("malformed config.json", str(path), "not a JSON object", "restore the file")
+    return config
 
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, str]:

@@ -74,9 +74,19 @@ class HFCheckpoint:
 
 
 def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+    """The shard's tensor table; a cut-off file (shorter than its tensors' end) is named here."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        end = 8 + n + max((info["data_offsets"][1] for k, info in header.items() if k != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as err:
+        raise ConversionError("unreadable safetensors file", str(path), str(err), "restore the file") from err
+    size = path.stat().st_size
+    if size < end:
+        raise ConversionError(
+            "truncated safetensors file", str(path), f"{size} bytes, its tensors end at byte {end}", "restore the file"
+        )
     out = {}
     for name, info in header.items():
         if name == "__metadata__":

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from joyai_megatron.checksums import hash_directory
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.config.schema import Recipe
 from joyai_megatron.convert.common import (
@@ -32,6 +33,7 @@ from joyai_megatron.convert.hf_io import PlannedTensor, write_hf_shards
 from joyai_megatron.convert.mapping import MappingTable, TensorMap, mapping_table
 from joyai_megatron.convert.plan import check_checkpoint, row_regions
 from joyai_megatron.model.presets import ModelArch, arch_from_dict
+from joyai_megatron.training.checkpoint_scan import verify_directory
 
 # Rounding the router bias would change which experts are picked; transformers keeps it in fp32.
 KEEP_FP32 = ("e_score_correction_bias",)
@@ -116,6 +118,9 @@ def export_to_hf(
     """Convert ``checkpoint`` (``<ckpt_dir>`` or an ``iter_*`` dir) into an HF model at ``output``."""
     start = time.perf_counter()
     iter_dir = resolve_iteration_dir(checkpoint)
+    note = verify_directory(iter_dir, contents=False)  # sizes only: `convert verify` reads every byte
+    if note and progress:
+        print(f"to-hf: note: {note}")
     recipe = load_checkpoint_recipe(iter_dir)
     arch = arch_from_recipe(recipe)
     include_mtp = include_mtp and arch.mtp_num_layers > 0
@@ -127,7 +132,7 @@ def export_to_hf(
     config = arch_to_hf_config(
         arch, model_type=model_type, include_mtp=include_mtp, dtype=HF_DTYPE_NAMES.get(main_dtype, "bfloat16")
     )
-    with atomic_output_dir(output, overwrite) as tmp:
+    with atomic_output_dir(output, overwrite, inputs=[iter_dir.parent]) as tmp:
         with tqdm(
             total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="to-hf", disable=not progress
         ) as bar:
@@ -145,6 +150,7 @@ def export_to_hf(
             print(
                 f"to-hf: no tokenizer files found in data.tokenizer={recipe.data.tokenizer!r}; export has none"
             )
+        hash_directory(tmp, threads)
     return ExportResult(
         output=Path(output).resolve(),
         tensors=len(planned),

@@ -28,6 +28,7 @@ from joyai_megatron.convert.hf_io import HFCheckpoint
 from joyai_megatron.convert.mapping import MappingTable, TensorMap, mapping_table, megatron_to_hf
 from joyai_megatron.convert.plan import check_checkpoint, check_hf
 from joyai_megatron.convert.to_hf import KEEP_FP32, arch_from_recipe, load_checkpoint_recipe
+from joyai_megatron.training.checkpoint_scan import verify_directory
 
 
 @dataclass
@@ -194,7 +195,7 @@ def compare_logits(
 
 def verify(
     checkpoint: str | os.PathLike,
-    hf_dir: str | os.PathLike,
+    hf_dir: str | os.PathLike | None,
     *,
     include_mtp: bool = True,
     dtype: str | None = None,
@@ -202,8 +203,15 @@ def verify(
     logits_tolerance: float = 1e-4,
     progress: bool = True,
 ) -> VerifyReport:
-    """Verify that ``hf_dir`` is the HF form of ``checkpoint``; raises on the first problem."""
+    """Verify that ``hf_dir`` is the HF form of ``checkpoint``; raises on the first problem.
+
+    Both directories' files are first checked against their ``checksums.json`` (``hf_dir=None``:
+    only that check, of the checkpoint).
+    """
     iter_dir = resolve_iteration_dir(checkpoint)
+    notes = [n for d in (iter_dir, hf_dir) if d is not None and (n := verify_directory(Path(d)))]
+    if hf_dir is None:
+        return VerifyReport(notes=notes)
     arch = arch_from_recipe(load_checkpoint_recipe(iter_dir))
     hf_arch = arch_from_hf_config(load_hf_config(hf_dir))
     include_mtp = include_mtp and arch.mtp_num_layers > 0 and hf_arch.mtp_num_layers > 0
@@ -235,6 +243,7 @@ def verify(
     report = check_coverage(
         DistCkptReader(iter_dir), HFCheckpoint(hf_dir), table, dtype=parse_dtype(dtype), progress=progress
     )
+    report.notes[:0] = notes
     if logits:
         diff, same = compare_logits(iter_dir, Path(hf_dir), table)
         report.max_logit_diff, report.greedy_match = diff, same

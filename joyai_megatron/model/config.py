@@ -12,6 +12,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 from joyai_megatron.compat.grad_accum import wgrad_accumulation_available
 from joyai_megatron.compat.target import assume_transformer_engine
 from joyai_megatron.config.schema import ModelCfg, ParallelCfg, PrecisionCfg
+from joyai_megatron.errors import UserError
 from joyai_megatron.model.presets import ModelArch
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,7 +100,7 @@ RECIPE_KEYS = {
 }
 
 
-class ConfigRejected(ValueError):
+class ConfigRejected(UserError, ValueError):
     """Megatron-Core refuses the config a recipe builds; ``keys`` are the recipe keys involved."""
 
     def __init__(self, reason: str, keys: list[str]) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.config.schema import Recipe
 from joyai_megatron.convert.dist_ckpt import resolve_iteration_dir
+from joyai_megatron.errors import run_cli
 from joyai_megatron.quant import modelopt_state as mos
 
 
@@ -79,6 +80,11 @@ def compare_checkpoints(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors the user can fix print one line and exit 2 (``--debug``: the traceback)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="python -m joyai_megatron.quant.compare", description=__doc__.split("\n")[0]
     )

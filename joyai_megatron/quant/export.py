@@ -60,6 +60,7 @@ from joyai_megatron.convert.hf_config import arch_to_hf_config, generation_confi
 from joyai_megatron.convert.hf_io import PlannedTensor, write_hf_shards
 from joyai_megatron.convert.mapping import MappingTable, TensorMap, mapping_table, megatron_to_hf
 from joyai_megatron.convert.to_hf import KEEP_FP32, arch_from_recipe, load_checkpoint_recipe
+from joyai_megatron.errors import run_cli
 from joyai_megatron.model.presets import ModelArch
 from joyai_megatron.quant import compressed
 from joyai_megatron.quant import modelopt_state as mos
@@ -404,7 +405,7 @@ def export_qat_to_hf(
 
         config["quantization_config"] = convert_hf_quant_config_format(quant_config)
     ct_config = compressed.quantization_config(layer_config) if fmt == "compressed-tensors" else None
-    with atomic_output_dir(output, overwrite) as tmp:
+    with atomic_output_dir(output, overwrite, inputs=[checkpoint]) as tmp:
         write_hf_shards(tmp, planned, max_shard_bytes=max_shard_bytes, threads=threads)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if quant_config is not None:
@@ -450,6 +451,11 @@ def _write_tokenizer(loaded: QATModel, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors the user can fix print one line and exit 2 (``--debug``: the traceback)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="python -m joyai_megatron.quant.export", description=__doc__.split("\n")[0]
     )
@@ -470,20 +476,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| for --verify-logits")
     args = p.parse_args(argv)
-    try:
-        r = export_qat_to_hf(
-            args.checkpoint,
-            args.output,
-            fmt=args.format,
-            dtype=args.dtype,
-            model_type=args.model_type,
-            include_mtp=not args.no_mtp,
-            threads=args.threads,
-            overwrite=args.overwrite,
-        )
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    r = export_qat_to_hf(
+        args.checkpoint,
+        args.output,
+        fmt=args.format,
+        dtype=args.dtype,
+        model_type=args.model_type,
+        include_mtp=not args.no_mtp,
+        threads=args.threads,
+        overwrite=args.overwrite,
+    )
     algo = f" ({r.quant_algo})" if r.quant_algo else ""
     print(
         f"quant.export: {args.format}{algo}, {r.tensors} tensors, {r.bytes / 2**20:.1f} MiB -> {r.output} "

@@ -20,6 +20,7 @@ import math
 from typing import Any
 
 from joyai_megatron.config.schema import Recipe
+from joyai_megatron.errors import UserError
 from joyai_megatron.model.presets import ModelArch
 
 PRESETS = {
@@ -32,7 +33,7 @@ INT4_FORMATS = ("int4_w4a16", "w4afp8")
 ACTIVATION_FORMATS = ("w4afp8", "fp8")
 
 
-class QATConfigError(ValueError):
+class QATConfigError(UserError, ValueError):
     """A QAT recipe that cannot run; the message names the key."""
 
 

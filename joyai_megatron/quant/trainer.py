@@ -30,6 +30,7 @@ from joyai_megatron.config.schema import Recipe
 from joyai_megatron.quant import modelopt_state as mos
 from joyai_megatron.quant.formats import modelopt_config
 from joyai_megatron.training import checkpoint as ckpt
+from joyai_megatron.training.checkpoint_scan import start_point
 from joyai_megatron.training.trainer import Trainer
 
 LOSS_KEY = "valid/lm_loss"
@@ -73,18 +74,15 @@ class QATTrainer(Trainer):
     def _quantized_source(self) -> Path | None:
         """The checkpoint the base class will load, if it carries ModelOpt state."""
         c = self.recipe.checkpoint
-        if ckpt.latest_iteration(c.dir) is not None:
-            path = ckpt.resolve_checkpoint(c.dir)
-            if not mos.has_modelopt_state(path):
-                raise RuntimeError(
-                    f"{path}: resuming QAT from a checkpoint without {mos.MODELOPT_STATE_DIR}/; "
-                    f"checkpoint.dir must hold only this QAT run's checkpoints"
-                )
-            return path
-        if c.load:
-            path = ckpt.resolve_checkpoint(c.load)
-            return path if mos.has_modelopt_state(path) else None
-        return None
+        start = start_point(c.dir, c.load, c.allow_fresh_start)
+        if start.path is None:
+            return None
+        if start.resuming and not mos.has_modelopt_state(start.path):
+            raise RuntimeError(
+                f"{start.path}: resuming QAT from a checkpoint without {mos.MODELOPT_STATE_DIR}/; "
+                f"checkpoint.dir must hold only this QAT run's checkpoints"
+            )
+        return start.path if start.resuming or mos.has_modelopt_state(start.path) else None
 
     def _models(self) -> list[torch.nn.Module]:
         return [ckpt.unwrap(chunk) for chunk in self.model]

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from joyai_megatron.errors import UserError, run_cli
 from joyai_megatron.stages.generate import greedy_generate
 
 THINK_CLOSE = "</think>"
@@ -126,6 +127,11 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors the user can fix print one line and exit 2 (``--debug``: the traceback)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m joyai_megatron.stages.sft_eval", description=__doc__)
     parser.add_argument("checkpoint", help="checkpoint root (its latest step) or one iter_* directory")
     parser.add_argument(
@@ -147,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         model, recipe = load_checkpoint_model(args.checkpoint)
         tokenizer = args.tokenizer or recipe.data.tokenizer
         if not tokenizer:
-            raise SystemExit("the checkpoint's recipe names no data.tokenizer: pass --tokenizer")
+            raise UserError(
+                "no tokenizer", f"{args.checkpoint}: recipe data.tokenizer", "the recipe names none", "pass --tokenizer"
+            )
         report = exact_match(model, tokenizer, records, args.max_new_tokens, args.max_pack_tokens)
     finally:
         shutdown()

@@ -6,9 +6,11 @@ Layout of ``checkpoint.dir``::
         recipe.yaml, train_state.json   trainer and data state) plus the resolved recipe
     latest_checkpointed_iteration.txt   the newest complete step, written last
 
-Every rank writes into ``iter_XXXXXXX.tmp``; only after all ranks finished does rank 0 rename it
-and then update the tracker file, so a kill at any moment leaves either the previous checkpoint
-or the new one, never a partial directory that resume would pick up.
+Every rank writes into ``iter_XXXXXXX.tmp`` and hashes the files it wrote; only after all ranks
+finished does rank 0 write ``checksums.json`` and ``COMPLETE``, rename the directory and update the
+tracker file, so a kill at any moment leaves either the previous checkpoint or the new one, never a
+partial directory that resume would pick up.  Resume checks the checksums before loading (see
+``checkpoint_scan.py`` for how the checkpoint to resume is chosen).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -28,13 +29,25 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
+from joyai_megatron.checksums import (
+    MANIFEST,
+    ManifestError,
+    check_files,
+    digest_files,
+    files_to_hash,
+    read_manifest,
+    write_manifest,
+)
 from joyai_megatron.config.recipe import save_resolved_recipe
 from joyai_megatron.config.schema import Recipe
+from joyai_megatron.errors import disk_full_error, is_disk_full
+from joyai_megatron.training.checkpoint_scan import COMPLETE, damaged_checkpoint_error, scan
+from joyai_megatron.training.checkpoint_scan import TRACKER as TRACKER  # re-exported: callers' home
+from joyai_megatron.training.checkpoint_scan import iter_dir as iter_dir
+from joyai_megatron.training.checkpoint_scan import resolve_checkpoint as resolve_checkpoint
 from joyai_megatron.training.optimizer_state import OPTIMIZER_METADATA, OptimizerLoad
-
-TRACKER = "latest_checkpointed_iteration.txt"
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
 @dataclass
@@ -47,33 +60,9 @@ class TrainState:
     stage: dict[str, Any] = field(default_factory=dict)
 
 
-def iter_dir(root: str | os.PathLike, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
 def latest_iteration(root: str | os.PathLike) -> int | None:
-    """The newest *complete* checkpoint's step, from the tracker written after the rename."""
-    tracker = Path(root) / TRACKER
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise ValueError(f"{tracker}: expected an iteration number, found {text!r}")
-    step = int(text)
-    if not iter_dir(root, step).is_dir():
-        raise FileNotFoundError(f"{tracker} names step {step} but {iter_dir(root, step)} is missing")
-    return step
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """Accept a checkpoint root (take its latest) or one ``iter_*`` directory."""
-    path = Path(path)
-    if _ITER_RE.match(path.name) and path.is_dir():
-        return path
-    step = latest_iteration(path)
-    if step is None:
-        raise FileNotFoundError(f"no complete checkpoint under {path} (no {TRACKER})")
-    return iter_dir(path, step)
+    """The newest *complete* checkpoint's step (its ``COMPLETE`` marker, whatever the tracker says)."""
+    return scan(root).newest
 
 
 def _rng_state() -> dict[str, Any]:
@@ -169,38 +158,56 @@ def save_checkpoint(
     rank = dist.get_rank()
     final = iter_dir(root, train_state.iteration)
     tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    state = _full_sharded_state_dict(model, optimizer, scheduler, is_loading=False, with_optim=True)
-    commit = functools.partial(_commit, Path(root), tmp, final, recipe, replace(train_state), keep_last)
-    if async_queue is not None:
-        request = dist_checkpointing.save(
-            state, str(tmp), content_metadata=OPTIMIZER_METADATA, async_sharded_save=True, async_strategy="mcore"
-        )
+    try:
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = _full_sharded_state_dict(model, optimizer, scheduler, is_loading=False, with_optim=True)
+        commit = functools.partial(_commit, Path(root), tmp, final, recipe, replace(train_state), keep_last)
+        if async_queue is not None:
+            request = dist_checkpointing.save(
+                state, str(tmp), content_metadata=OPTIMIZER_METADATA, async_sharded_save=True, async_strategy="mcore"
+            )
+            if write_extras is not None:
+                write_extras(tmp)
+            request.add_finalize_fn(commit)
+            async_queue.schedule_async_request(request)
+            return final
+        dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
         if write_extras is not None:
             write_extras(tmp)
-        request.add_finalize_fn(commit)
-        async_queue.schedule_async_request(request)
-        return final
-    dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
-    if write_extras is not None:
-        write_extras(tmp)
-    dist.barrier()
-    commit()
-    dist.barrier()
+        dist.barrier()
+        commit()
+        dist.barrier()
+    except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
+        if is_disk_full(err, tmp):
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise disk_full_error(tmp, err) from err
+        raise
     return final
 
 
 def _commit(root: Path, tmp: Path, final: Path, recipe: Recipe, train_state: TrainState, keep_last: int) -> None:
-    """Rank 0 makes a fully written ``tmp`` the newest checkpoint: metadata, rename, tracker."""
-    if dist.get_rank() != 0:
+    """Make a fully written ``tmp`` the newest checkpoint (collective).
+
+    Every rank hashes the shard files it wrote (``__<rank>_*.distcp``, still in the page cache);
+    rank 0 hashes the rest and writes metadata, ``checksums.json`` and ``COMPLETE``, then renames
+    and updates the tracker.
+    """
+    rank = dist.get_rank()
+    gathered: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digest_files(tmp, sorted(p.name for p in tmp.glob(f"__{rank}_*.distcp"))))
+    if rank != 0:
         return
     save_resolved_recipe(recipe, tmp)
     (tmp / "train_state.json").write_text(json.dumps(asdict(train_state), indent=1, default=str))
-    (tmp / "COMPLETE").write_text(str(train_state.iteration))
+    digests = {name: d for part in gathered for name, d in (part or {}).items()}
+    digests.update(digest_files(tmp, [n for n in files_to_hash(tmp) if n not in digests]))
+    write_manifest(tmp, digests)
+    (tmp / COMPLETE).write_text(str(train_state.iteration))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -225,9 +232,30 @@ def _prune(root: Path, keep_last: int, committed: int) -> None:
             shutil.rmtree(stale, ignore_errors=True)
     if keep_last <= 0:
         return
-    done = sorted(p for p in root.iterdir() if _ITER_RE.match(p.name))
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    # Only complete checkpoints count and go: a directory without its marker is not ours to judge.
+    for step in scan(root).complete[:-keep_last]:
+        shutil.rmtree(iter_dir(root, step), ignore_errors=True)
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Collective: each rank checks its share of the files against ``checksums.json``."""
+    try:
+        manifest = read_manifest(path)
+    except ManifestError as err:
+        raise damaged_checkpoint_error(path, MANIFEST, str(err)) from err
+    if manifest is None:
+        if dist.get_rank() == 0:
+            print(f"note: {path} has no checksums.json (saved before checksums); loading it unverified", flush=True)
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    names = sorted(manifest)[rank::world]
+    gathered: list[list | None] = [None] * world
+    dist.all_gather_object(gathered, check_files(path, {n: manifest[n] for n in names}))
+    problems = sorted(p for part in gathered for p in part or [])
+    if problems:
+        name, why = problems[0]
+        more = f" (and {len(problems) - 1} more files)" if len(problems) > 1 else ""
+        raise damaged_checkpoint_error(path, name, why + more)
 
 
 _OPTIMIZER_TENSORS = "optimizer_tensors_of_this_layout"
@@ -249,11 +277,15 @@ def load_checkpoint(
     samples/tokens, LR-schedule and stage state.  Returns the saved ``TrainState`` when counters
     were loaded, else ``None`` (weights only: an import from Hugging Face, or a new stage).
     """
+    verify_checkpoint(path)
     has_state = (path / "train_state.json").is_file()
     load_optimizer = load_optimizer and has_state
     load_counters = load_counters and has_state
     state = model_sharded_state_dict(model)
-    saved_keys = _saved_keys(path)
+    try:
+        saved_keys = _saved_keys(path)
+    except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
+        raise damaged_checkpoint_error(path, ".metadata", f"unreadable: {type(err).__name__}: {err}") from err
     # This run's optimizer tensors, by model-space key, under a key of their own: the checkpoint's
     # own non-tensor optimizer state comes back under "optimizer" (see training/optimizer_state.py).
     optimizer_load = OptimizerLoad(optimizer, state, saved_keys) if load_optimizer else None
@@ -268,7 +300,10 @@ def load_checkpoint(
     # backend or by `convert from-hf`; a fresh one is fine.
     allow_missing = [*allow_missing, "_extra_state"]
     _drop_missing(state, saved_keys, allow_missing)
-    loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    try:
+        loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
+        raise damaged_checkpoint_error(path, None, f"loading failed: {type(err).__name__}: {err}") from err
     for i, chunk in enumerate(model):
         _load_model_chunk(unwrap(chunk), loaded["model" if len(model) == 1 else f"model{i}"], allow_missing, path)
     if "rng_state" in loaded:

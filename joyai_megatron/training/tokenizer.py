@@ -11,8 +11,20 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from joyai_megatron.errors import UserError
+
 EOD_CANDIDATES = ("<|end_of_text|>", "<｜end▁of▁sentence｜>", "</s>", "<|endoftext|>", "<eos>")
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "<|padding|>")
+
+
+def load_tokenizer_file(file: str | Path) -> Tokenizer:
+    """``Tokenizer.from_file``, whose parse errors name neither the file nor the fix."""
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception for malformed JSON
+        raise UserError(
+            "unreadable tokenizer", str(file), f"{err}", "restore the file (a truncated copy or a wrong format?)"
+        ) from err
 
 
 class HFTokenizer:
@@ -26,7 +38,7 @@ class HFTokenizer:
                 f"tokenizer not found: {file} (build the demo one with `python -m data_prep train-tokenizer`)"
             )
         self.path = file.parent
-        self._tok = Tokenizer.from_file(str(file))
+        self._tok = load_tokenizer_file(file)
         # Megatron's dataset cache keys include the tokenizer's identity.
         self.unique_identifiers = {"class": type(self).__name__, "tokenizer_path": [str(file)]}
 

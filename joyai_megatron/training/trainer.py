@@ -44,6 +44,7 @@ from joyai_megatron.optim.builder import build_optimizer
 from joyai_megatron.optim.schedule import build_scheduler, tokens_to_samples
 from joyai_megatron.stages.base import Stage
 from joyai_megatron.training import checkpoint as ckpt
+from joyai_megatron.training.checkpoint_scan import start_point
 from joyai_megatron.training.ddp import wrap_in_ddp
 from joyai_megatron.training.distributed import init_distributed, init_model_parallel, read_dist_env, set_seed
 from joyai_megatron.training.metrics import MetricsLogger, interval_means
@@ -206,10 +207,12 @@ class Trainer:
     def _load(self) -> str | None:
         """Resume from ``checkpoint.dir`` if it holds a checkpoint, else start from ``checkpoint.load``."""
         c = self.recipe.checkpoint
-        resuming = ckpt.latest_iteration(c.dir) is not None
-        if not resuming and not c.load:
+        start = start_point(c.dir, c.load, c.allow_fresh_start)
+        if start.note and self._is_log_rank():
+            print(f"note: {start.note}", flush=True)
+        if start.path is None:
             return None
-        path = ckpt.resolve_checkpoint(c.dir if resuming else c.load)
+        path, resuming = start.path, start.resuming
         optimizer = c.resume_optimizer if resuming and c.resume_optimizer is not None else c.load_optimizer
         state = ckpt.load_checkpoint(
             path,

@@ -70,6 +70,7 @@ def run_layout(name: str, tp: int, pp: int, ep: int, etp: int, src: Path, out: P
     dist_checkpointing.save({"model": model.sharded_state_dict()}, str(target))
     dist.barrier()
     if rank == 0:
+        (target / "COMPLETE").write_text("10")
         (out / "latest_checkpointed_iteration.txt").write_text("10")
     return result
 

@@ -130,6 +130,13 @@ def test_existing_output_needs_overwrite(work, tiny_ckpt):
     with pytest.raises(ConversionError, match="already exists"):
         export_to_hf(tiny_ckpt, out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    export_to_hf(tiny_ckpt, out, overwrite=True, progress=False)
-    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    # --overwrite replaces only what the tool wrote: a directory without its marker stays
+    with pytest.raises(ConversionError, match="refusing to overwrite"):
+        export_to_hf(tiny_ckpt, out, overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    export_to_hf(tiny_ckpt, out, overwrite=True, progress=False)  # empty: fine
+    (out / "stale.txt").write_text("from the first export")
+    export_to_hf(tiny_ckpt, out, overwrite=True, progress=False)  # an earlier export: replaced
+    assert (out / "config.json").is_file() and not (out / "stale.txt").exists()
     assert sorted(p.name for p in work.glob("out_exists*")) == ["out_exists"]

@@ -14,12 +14,14 @@ import torch
 from convert_helpers import hf_tensors
 from safetensors.torch import load_file, save_file
 
+from joyai_megatron.checksums import MANIFEST
 from joyai_megatron.convert import ConversionError
 from joyai_megatron.convert.dist_ckpt import DistCkptReader, TensorInfo
 from joyai_megatron.convert.hf_io import HFCheckpoint
 from joyai_megatron.convert.mapping import mapping_table
 from joyai_megatron.convert.to_hf import arch_from_recipe, load_checkpoint_recipe
 from joyai_megatron.convert.verify import check_coverage, verify
+from joyai_megatron.training.checkpoint_scan import CheckpointError
 
 
 @pytest.fixture()
@@ -43,6 +45,9 @@ def test_tampered_export_is_caught(work, tiny_ckpt, tiny_export):
     tensors = load_file(shard)
     tensors[name][3, 7] += 1e-3
     save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{shard.name}\): (contents changed|truncated|longer)"):
+        verify(tiny_ckpt, bad, progress=False)  # the export's checksums.json catches it first
+    (bad / MANIFEST).unlink()  # without one, the tensor comparison still does
     with pytest.raises(ConversionError, match=rf"{name}: values differ"):
         verify(tiny_ckpt, bad, progress=False)
 

@@ -194,4 +194,4 @@ def test_leading_think_block_in_content_becomes_reasoning() -> None:
 def test_invalid_conversations(messages: list[Any], reason: str) -> None:
     with pytest.raises(BadRecord) as error:
         parse_conversation({"messages": messages}, "chat.jsonl", 7, True)
-    assert error.value.reason == reason and str(error.value).startswith(f"chat.jsonl:7: {reason}:")
+    assert error.value.reason == reason and str(error.value).startswith(f"{reason} (chat.jsonl:7): ")

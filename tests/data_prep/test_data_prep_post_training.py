@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 
 from data_prep.cli import main
 from data_prep.dpo import PreferenceDataset, prepare_dpo
+from data_prep.errors import OutputLimits
 from data_prep.packing import best_fit_decreasing
 from data_prep.rl import prepare_rl, read_rl_prompts
 from data_prep.sft import PackedSFTDataset, prepare_sft
@@ -87,9 +88,11 @@ def test_sft_bad_records(tokenizer_dir: Path, tmp_path: Path, capsys: pytest.Cap
         "--seq-length",
         "64",
     ]
-    assert main(args) == 1
-    assert f"{path}:2: unknown_role:" in capsys.readouterr().err
-    assert main([*args, "--on-error", "skip"]) == 0
+    assert main(args) == 2
+    assert f"unknown_role ({path}:2): " in capsys.readouterr().err
+    assert main([*args, "--on-error", "skip"]) == 2  # 2 of 3 dropped: over --max-skip-fraction
+    assert "too many records skipped" in capsys.readouterr().err
+    assert main([*args, "--on-error", "skip", "--max-skip-fraction", "0.7"]) == 0
     stats = json.loads(Path(tmp_path / "o.parquet.stats.json").read_text())
     assert stats["skipped"] == {"unknown_role": 1, "too_long": 1} and stats["sequences"] == 1
 
@@ -165,6 +168,7 @@ def test_rl_defaults_and_errors(tokenizer_dir: Path, tmp_path: Path) -> None:
         default_domain="math",
         enable_thinking=False,
         on_error="skip",
+        limits=OutputLimits(max_skip_fraction=1.0),
     )
     assert stats["skipped"] == {"missing_key": 1}
     first, second = read_rl_prompts(out)

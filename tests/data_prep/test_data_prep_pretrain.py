@@ -21,6 +21,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tokenizers import Tokenizer
 
 from data_prep.cli import main
+from data_prep.errors import OutputLimits
 from data_prep.pretrain import PretrainConfig, run_pretrain
 from data_prep.tokenizer import make_encoder
 
@@ -221,8 +222,8 @@ def test_bad_input_fails_with_location(
             "--no-progress",
         ]
     )
-    assert code == 1
-    assert f"{path}:{line}: {reason}:" in capsys.readouterr().err
+    assert code == 2
+    assert f"{reason} ({path}:{line}): " in capsys.readouterr().err
     for bin_file in tmp_path.rglob("*.bin"):  # never a .bin without its .idx
         assert bin_file.with_suffix(".idx").exists()
     assert not Path(f"{prefix}.bin").exists()
@@ -240,6 +241,7 @@ def test_bad_input_skipped_and_counted(
             tokenizer=str(tokenizer_dir),
             output_prefix=str(tmp_path / "out"),
             on_error="skip",
+            limits=OutputLimits(max_skip_fraction=1.0),
             max_doc_bytes=200,
             progress=False,
         )
@@ -258,6 +260,7 @@ def test_parquet_null_and_non_string_columns(tmp_path: Path, tokenizer_dir: Path
             tokenizer=str(tokenizer_dir),
             output_prefix=str(tmp_path / "out"),
             on_error="skip",
+            limits=OutputLimits(max_skip_fraction=1.0),
             progress=False,
         )
     )
@@ -284,6 +287,6 @@ def test_bad_record_in_worker_process_reports_location(
             "--no-progress",
         ]
     )
-    assert code == 1
-    assert f"{bad}:2: not_string:" in capsys.readouterr().err
+    assert code == 2
+    assert f"not_string ({bad}:2): " in capsys.readouterr().err
     assert not Path(f"{tmp_path / 'out'}.bin").exists()

@@ -230,6 +230,7 @@ def test_compressed_tensors_refuses_other_qat_formats(fmt: str, tmp_path: Path, 
     save_resolved_recipe(recipe(f"qat.format={fmt}"), iteration)
     (iteration / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
     (iteration / "modelopt_state").mkdir()
+    (iteration / "COMPLETE").write_text("1")
     (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("1")
     argv = [
         "--checkpoint",
