@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from joyai_megatron.config.recipe import save_resolved_recipe
+from joyai_megatron.config.schema import Recipe
 from joyai_megatron.convert.common import ConversionError, atomic_output_dir, fmt_shape
 from joyai_megatron.convert.dist_ckpt import (
     MODEL_KEY_PREFIXES,
@@ -236,7 +237,7 @@ def merge_checkpoints(
                 on_write=bar.update,
                 file_per_chunk=True,
             )
-        save_resolved_recipe(load_checkpoint_recipe(readers[0].path), tmp / iter_name)
+        save_resolved_recipe(_merged_recipe(readers[0].path, Path(output).resolve()), tmp / iter_name)
         sources = [{"path": str(i.path), "iteration": i.iteration, "weight": i.weight} for i in inputs]
         (tmp / iter_name / "merge.json").write_text(
             json.dumps({"sources": sources, "ema_decay": ema_decay}, indent=1)
@@ -244,3 +245,11 @@ def merge_checkpoints(
         (tmp / TRACKER_FILE).write_text(str(iteration))
     out = Path(output).resolve()
     return MergeResult(out, out / iter_name, inputs, len(keys), total, time.perf_counter() - start)
+
+
+def _merged_recipe(first: Path, output: Path) -> Recipe:
+    """The first input's resolved recipe, its checkpoint and log directories pointed at the merge."""
+    recipe = load_checkpoint_recipe(first)
+    recipe.checkpoint.dir = str(output)
+    recipe.logging.dir = str(output / "logs")
+    return recipe
