@@ -1,4 +1,4 @@
-"""``python -m joyai_megatron <command>``: training stages, ``merge``, ``count``, ``plan`` and ``smoke``."""
+"""``python -m joyai_megatron <command>``: training stages, ``eval``, ``merge``, ``count``, ``plan`` and ``smoke``."""
 
 from __future__ import annotations
 
@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOPs utilisation")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU dense BF16 peak")
     p.add_argument("--reserve-gb", type=float, default=None, help="default: 3 GB + 10%% of the GPU")
+    p = sub.add_parser("eval", help="lm-eval on local tasks (+ MTP draft acceptance) for a checkpoint")
+    from joyai_megatron.evaluation.run import add_arguments as add_eval_arguments
+
+    add_eval_arguments(p)
     p = sub.add_parser("merge", help="weighted average of torch_dist checkpoints (weights only)")
     p.add_argument(
         "--checkpoint", action="append", required=True, metavar="DIR[:WEIGHT]",
@@ -130,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         return _plan(args)
     if args.command == "merge":
         return _merge(args)
+    if args.command == "eval":
+        from joyai_megatron.evaluation.run import main as eval_main
+
+        return eval_main(args)
     run_stage(args.command, args.recipe, args.overrides)
     return 0
 
