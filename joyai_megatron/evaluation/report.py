@@ -59,7 +59,7 @@ def bar_chart(columns: list[str], rows: dict[str, dict[str, float]], path: Path)
     ax.set_xticks(
         range(len(bounded)), [c.replace("joyai_demo_", "").replace("/", "\n") for c in bounded], fontsize=8
     )
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.2)  # room for the legend above the bars
     ax.set_ylabel("score")
     ax.legend(fontsize=8, ncols=min(len(rows), 4), loc="upper left")
     fig.tight_layout()

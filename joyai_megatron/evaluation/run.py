@@ -109,7 +109,9 @@ def evaluate(
         "tasks": task_metrics(raw),
         "n_samples": {t: v.get("effective", v.get("original")) for t, v in raw.get("n-samples", {}).items()},
     }
-    if mtp:
+    if mtp and getattr(model, "mtp", None) is None:  # e.g. RL, which trains without the block
+        doc["mtp_acceptance"] = {"skipped": "the checkpoint's model has no MTP block (model.mtp_enabled)"}
+    elif mtp:
         prompts = [row["prompt"] for row in load_jsonl("joyai_demo_math.jsonl")["test"]][:limit]
         doc["mtp_acceptance"] = mtp_acceptance(lm, prompts, mtp_max_new_tokens, draft_tokens, chat_template)
     doc["seconds"] = time.time() - started
