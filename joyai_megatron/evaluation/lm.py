@@ -103,7 +103,8 @@ class MegatronLM(TemplateLM):
                     output_processor=_label_scores,
                 )
             for start, i in zip(packed.starts, group, strict=True):
-                n = min(len(pairs[i][1]), len(rows[i]) - 1)  # a continuation longer than the window is cut too
+                # a continuation longer than the window is scored inside it only
+                n = min(len(pairs[i][1]), len(rows[i]) - 1)
                 end = start + len(rows[i]) - 1
                 results.append((float(logp[end - n : end].sum()), bool(greedy[end - n : end].all())))
         return results
