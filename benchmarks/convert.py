@@ -7,6 +7,7 @@ files it mmaps are page cache, not memory the converter holds) and its CPU time 
 
 * ``from-hf``   ours: HF safetensors -> Megatron ``torch_dist`` (streaming, threaded DCP writer)
 * ``to-hf``     ours: ``torch_dist`` -> HF safetensors (streaming, threaded shard writers)
+* ``merge``     ours: the 0.5/0.5 average of two ``torch_dist`` checkpoints (the import, read twice)
 * ``baseline``  the naive import: load every HF tensor, build the whole Megatron state dict in
                 memory, ``torch.distributed.checkpoint.save`` it (what a converter that holds
                 the model does); same output keys, checked equal to ours on a sample.
@@ -93,6 +94,12 @@ def phase(kind: str, work: Path, threads: int) -> dict:
         r = export_to_hf(
             work / "megatron", work / "export", threads=threads, max_shard_bytes=10**9, progress=False
         )
+        return {"seconds": time.perf_counter() - start, "bytes": r.bytes}
+    if kind == "merge":
+        from joyai_megatron.convert.merge import merge_checkpoints
+
+        src = work / "megatron"
+        r = merge_checkpoints([(src, 0.5), (src, 0.5)], work / "merged", threads=threads, progress=False)
         return {"seconds": time.perf_counter() - start, "bytes": r.bytes}
     return naive_import(work, threads, start)
 
@@ -190,7 +197,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--keep", action="store_true")
-    p.add_argument("--phase", choices=["from-hf", "to-hf", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=["from-hf", "to-hf", "merge", "baseline"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.phase:
         print(json.dumps(phase(args.phase, args.work, args.threads)))
@@ -206,7 +213,9 @@ def main() -> None:
             f"synthetic JoyAI-shaped checkpoint: {args.layers} layers + MTP, 256 experts, "
             f"{total / 1e9:.2f} GB bf16 ({time.perf_counter() - t:.0f} s to make); threads={args.threads}"
         )
-        results = {kind: run_child(kind, work, args.threads) for kind in ("from-hf", "to-hf", "baseline")}
+        results = {
+            kind: run_child(kind, work, args.threads) for kind in ("from-hf", "to-hf", "merge", "baseline")
+        }
         check_same(work)
         print(
             f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall GB/s suffers under load)"

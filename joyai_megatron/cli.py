@@ -1,4 +1,4 @@
-"""``python -m joyai_megatron <command>``: training stages, ``count``, ``plan`` and ``smoke``."""
+"""``python -m joyai_megatron <command>``: training stages, ``eval``, ``merge``, ``count``, ``plan`` and ``smoke``."""
 
 from __future__ import annotations
 
@@ -65,6 +65,29 @@ def _plan(args: argparse.Namespace) -> int:
     return plan_main(args)
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from joyai_megatron.convert.common import ConversionError
+    from joyai_megatron.convert.merge import merge_checkpoints, parse_checkpoint_arg
+
+    try:
+        r = merge_checkpoints(
+            [parse_checkpoint_arg(c) for c in args.checkpoint],
+            args.output,
+            ema_decay=args.ema_decay,
+            iteration=args.iteration,
+            threads=args.threads,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except ConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for i in r.inputs:
+        print(f"merge: {i.weight:.6g} x {i.path}")
+    print(f"merge: {r.tensors} tensors, {r.bytes / 2**30:.3f} GiB -> {r.iteration_dir} ({r.seconds:.1f} s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Errors the user can fix print one line and exit 2 (``--debug``: the traceback)."""
     return run_cli(_main, argv)
@@ -95,12 +118,34 @@ def _main(raw: list[str]) -> int:
     p.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOPs utilisation")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU dense BF16 peak")
     p.add_argument("--reserve-gb", type=float, default=None, help="default: 3 GB + 10%% of the GPU")
+    p = sub.add_parser("eval", help="lm-eval on local tasks (+ MTP draft acceptance) for a checkpoint")
+    from joyai_megatron.evaluation.run import add_arguments as add_eval_arguments
+
+    add_eval_arguments(p)
+    p = sub.add_parser("merge", help="weighted average of torch_dist checkpoints (weights only)")
+    p.add_argument(
+        "--checkpoint", action="append", required=True, metavar="DIR[:WEIGHT]",
+        help="<ckpt_dir> (its newest step) or an iter_* directory, optionally with a weight; repeat. "
+        "No weights: uniform average",
+    )  # fmt: skip
+    p.add_argument("--output", required=True)
+    p.add_argument("--ema-decay", type=float, help="weights of a per-step EMA over the iter_* snapshots")
+    p.add_argument("--iteration", type=int, help="the output's iter_* number (default: the newest input's)")
+    p.add_argument("--threads", type=int, default=4, help="parallel chunk writers (memory scales with it)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
     sub.add_parser("smoke", help="train shipped recipes a few steps on one GPU (see `smoke --help`)")
     args = parser.parse_args(raw)
     if args.command == "count":
         return _count(args)
     if args.command == "plan":
         return _plan(args)
+    if args.command == "merge":
+        return _merge(args)
+    if args.command == "eval":
+        from joyai_megatron.evaluation.run import main as eval_main
+
+        return eval_main(args)
     run_stage(args.command, args.recipe, args.overrides)
     return 0
 

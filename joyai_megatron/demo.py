@@ -1,7 +1,8 @@
 """The whole pipeline at toy scale on CPU: ``python -m joyai_megatron.demo``.
 
 Every step is the same command a user runs (data_prep, the four pretraining stages with an
-interruption and resume, stage 4 with context parallelism on 2 processes, SFT, DPO, FiberPO RL,
+interruption and resume, stage 4 with context parallelism on 2 processes, the merge of its last two
+checkpoints, SFT, DPO, FiberPO RL, lm-eval and MTP acceptance of the pretrained/merged/SFT/RL models,
 QAT, export to Hugging Face and its check), so the demo doubles as an end-to-end smoke of the entry
 points.  Outputs go under ``runs/demo/``.
 """
@@ -20,6 +21,14 @@ from pathlib import Path
 ROOT = Path("runs/demo")
 PY = [sys.executable, "-m"]
 SFT_EVAL = "runs/demo/sft/exact_match.jsonl"
+MERGED = "runs/demo/pretrain/stage4_merged"
+EVAL = "runs/demo/eval"
+EVAL_MODELS = {
+    "pretrained": "runs/demo/pretrain/stage4/checkpoints",
+    "merged": MERGED,
+    "sft": "runs/demo/sft/checkpoints",
+    "rl": "runs/demo/rl/checkpoints",
+}
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,17 @@ STEPS: list[Step] = [
     _stage("pretrain", "recipes/pretrain/tiny_cpu/stage2.yaml", logs="runs/demo/pretrain/stage2/logs"),
     _stage("pretrain", "recipes/pretrain/tiny_cpu/stage3.yaml", logs="runs/demo/pretrain/stage3/logs"),
     _stage(
-        "pretrain", "recipes/pretrain/tiny_cpu/stage4.yaml", logs="runs/demo/pretrain/stage4/logs", nproc=2,
+        "pretrain", "recipes/pretrain/tiny_cpu/stage4.yaml", "checkpoint.save_interval=10",
+        logs="runs/demo/pretrain/stage4/logs", nproc=2,
         title="pretrain stage 4 (long context, context parallelism: each sequence split over 2 processes)",
+    ),
+    Step(
+        "merge stage 4's last two checkpoints (JoyAI simulates LR decay by merging checkpoints)",
+        [
+            *PY, "joyai_megatron", "merge", "--checkpoint", "runs/demo/pretrain/stage4/checkpoints/iter_0000010",
+            "--checkpoint", "runs/demo/pretrain/stage4/checkpoints/iter_0000020", "--output", MERGED,
+            "--overwrite", "--no-progress",
+        ],
     ),
     _stage("sft", "recipes/sft/tiny_cpu.yaml", logs="runs/demo/sft/logs"),
     Step(
@@ -63,6 +81,23 @@ STEPS: list[Step] = [
     ),
     _stage("dpo", "recipes/dpo/tiny_cpu.yaml", logs="runs/demo/dpo/logs"),
     _stage("rl", "recipes/rl/tiny_cpu.yaml", logs="runs/demo/rl/logs"),
+    *(
+        Step(
+            f"evaluate the {name} model: lm-eval on the local tasks, MTP draft acceptance",
+            [
+                *PY, "joyai_megatron", "eval", checkpoint, "--limit", "10", "--thinking", "--mtp-acceptance",
+                "--mtp-max-new-tokens", "24", "--output", f"{EVAL}/{name}.json",
+            ],
+        )
+        for name, checkpoint in EVAL_MODELS.items()
+    ),
+    Step(
+        "the evaluated models side by side (table and chart)",
+        [
+            *PY, "joyai_megatron.evaluation.report", *(f"{n}={EVAL}/{n}.json" for n in EVAL_MODELS),
+            "--output", f"{EVAL}/summary.md", "--chart", f"{EVAL}/scores.png",
+        ],
+    ),
     _stage("qat", "recipes/qat/tiny_cpu.yaml", logs="runs/demo/qat/logs"),
     Step(
         "export the RL policy to Hugging Face (DeepseekV3 layout, MTP at layer N)",
@@ -119,6 +154,10 @@ def summarize() -> list[str]:
                 found.append(f"{key} {values[0]:.3f} -> {values[-1]:.3f}")
         if found:
             lines.append(f"{name}: " + ", ".join(found))
+    table = Path(EVAL) / "summary.md"
+    if table.exists():
+        lines.append(f"eval (10 documents per task, thinking mode; chart: {EVAL}/scores.png):")
+        lines += ["  " + row for row in table.read_text().splitlines()]
     compare = Path("runs/demo/qat/logs/qat_compare.json")
     if compare.exists():
         c = json.loads(compare.read_text())
@@ -150,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "  outputs: runs/demo/data (tokenizer, datasets), runs/demo/pretrain/stage{1..4}, runs/demo/{sft,dpo,rl,qat}"
         " (each: checkpoints/ + logs/ with metrics.jsonl and TensorBoard), runs/demo/hf (Hugging Face export),"
+        " runs/demo/eval (eval results per model, summary.md, scores.png),"
         " runs/demo/hf_int4 (INT4 export of the QAT model; fp32 here for the exact reload check, bf16 by default)"
     )
     print(f"  total time {time.time() - started:.0f}s")

@@ -335,16 +335,21 @@ def write_dist_checkpoint(
     *,
     threads: int = 4,
     on_write: Callable[[int], None] | None = None,
+    file_per_chunk: bool = False,
 ) -> None:
     """Write a ``torch_dist`` iteration directory that Megatron's ``dist_checkpointing.load`` reads.
 
     ``objects`` maps unique keys (``<key>/shard_<offset>_<shape>``) to picklable values; Megatron
-    stores the common (non-sharded) state as ``common_state/shard_0_1``.
+    stores the common (non-sharded) state as ``common_state/shard_0_1``.  DCP's writer keeps every
+    tensor of a file referenced until the file is complete (torch 2.14 ``_write_files_from_queue``),
+    so with ``threads`` files (the default) every chunk the loaders made stays in memory; loaders
+    that return file-backed tensors (``from-hf``'s mmapped safetensors) do not mind, loaders that
+    compute their chunks (``merge``) pass ``file_per_chunk`` to hold one chunk per writer thread.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     objects = {"common_state/shard_0_1": {}, **objects}
-    writer = FileSystemWriter(path, single_file_per_rank=True, thread_count=max(1, threads))
+    writer = FileSystemWriter(path, single_file_per_rank=not file_per_chunk, thread_count=max(1, threads))
     planner = _LazySavePlanner(chunks, objects, on_write)
     try:
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)

@@ -1,4 +1,4 @@
-"""Greedy decoding with the Megatron GPTModel, for evaluation on one process.
+"""Greedy (or sampled) decoding with the Megatron GPTModel, for evaluation on one process.
 
 No KV cache: every step re-runs the model on the grown sequences.  That is quadratic, but the
 answers scored here are a few dozen tokens, and it reuses the training forward exactly (the same
@@ -9,6 +9,7 @@ position of each sequence goes through the output layer.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,9 +33,18 @@ def _last_token_logits(
     return scale_logits(logits)[:, 0].float()  # [n, vocab]
 
 
-def next_token_logits(model: torch.nn.Module, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Logits for the token after each sequence, ``[len(sequences), vocab]``, in one packed call."""
-    device = next(model.parameters()).device
+@dataclass(frozen=True)
+class PackedSequences:
+    """Sequences packed into one THD row: ``tokens``/``positions`` ``[1, T]``, ``starts`` per sequence."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    params: PackedSeqParams
+    starts: list[int]
+
+
+def pack_sequences(sequences: Sequence[Sequence[int]], device: torch.device) -> PackedSequences:
+    """One THD row holding every sequence, attention and positions restarting per sequence."""
     lengths = torch.tensor([len(s) for s in sequences])
     cu = torch.zeros(len(sequences) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lengths, 0)
@@ -47,19 +57,28 @@ def next_token_logits(model: torch.nn.Module, sequences: Sequence[Sequence[int]]
         max_seqlen_q=int(lengths.max()),
         max_seqlen_kv=int(lengths.max()),
     )
-    last = (cu[1:] - 1).long().to(device)
+    return PackedSequences(tokens.to(device), positions.to(device), params, cu[:-1].tolist())
+
+
+def next_token_logits(model: torch.nn.Module, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Logits for the token after each sequence, ``[len(sequences), vocab]``, in one packed call."""
+    device = next(model.parameters()).device
+    packed = pack_sequences(sequences, device)
+    last = torch.tensor(
+        [s + len(seq) - 1 for s, seq in zip(packed.starts, sequences, strict=True)], device=device
+    )
     with mtp_skipped(model):
         return model(
-            tokens.to(device),
-            positions.to(device),
+            packed.tokens,
+            packed.positions,
             None,
-            packed_seq_params=params,
+            packed_seq_params=packed.params,
             output_processor=_last_token_logits,
             output_processor_context=last,
         )
 
 
-def _groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+def pack_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Consecutive indices packed into groups of at most ``max_tokens`` tokens (at least one each)."""
     groups: list[list[int]] = [[]]
     used = 0
@@ -79,8 +98,14 @@ def greedy_generate(
     max_new_tokens: int,
     stop_ids: Collection[int],
     max_pack_tokens: int = 4096,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> list[list[int]]:
-    """Greedy continuation of every prompt, up to and including the first stop token."""
+    """Continuation of every prompt, up to and including the first stop token.
+
+    Greedy by default; ``temperature > 0`` samples from the softmax at that temperature instead
+    (pass@k evaluation), drawing from ``generator``.
+    """
     was_training = model.training
     model.eval()
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -90,8 +115,13 @@ def greedy_generate(
             if not active:
                 break
             sequences = [list(prompts[i]) + outputs[i] for i in active]
-            for group in _groups([len(s) for s in sequences], max_pack_tokens):
-                picks = next_token_logits(model, [sequences[k] for k in group]).argmax(-1).tolist()
+            for group in pack_groups([len(s) for s in sequences], max_pack_tokens):
+                logits = next_token_logits(model, [sequences[k] for k in group])
+                if temperature > 0:
+                    probs = torch.softmax(logits.cpu() / temperature, dim=-1)
+                    picks = torch.multinomial(probs, 1, generator=generator)[:, 0].tolist()
+                else:
+                    picks = logits.argmax(-1).tolist()
                 for k, token in zip(group, picks, strict=True):
                     outputs[active[k]].append(int(token))
             active = [i for i in active if outputs[i][-1] not in stop_ids]

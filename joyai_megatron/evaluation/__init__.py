@@ -1,0 +1,1 @@
+"""Evaluation of any stage's checkpoint: lm-eval on local tasks, MTP draft acceptance (``eval``)."""
