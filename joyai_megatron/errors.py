@@ -76,10 +76,16 @@ def debug_enabled(argv: list[str]) -> bool:
 
 
 def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
-    """Run ``main(argv without --debug)``; a ``UserError`` or a full disk prints one line, exit 2."""
+    """Run ``main(argv without --debug)``; a ``UserError`` or a full disk prints one line, exit 2.
+    Without ``--debug`` the known, uninformative dependency warnings are silenced
+    (``known_warnings.py``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)
     argv = [a for a in argv if a != DEBUG_FLAG]
+    if not debug:
+        from joyai_megatron.known_warnings import silence_known_warnings
+
+        silence_known_warnings()
     try:
         return main(argv)
     except (UserError, OSError) as err:

@@ -236,6 +236,8 @@ def build_transformer_config(
         # Weight gradients accumulate straight into DDP's fp32 main_grad (Apex, or compat/grad_accum.py).
         gradient_accumulation_fusion=on_gpu and wgrad_accumulation_available(),
         cross_entropy_loss_fusion=on_gpu,
+        # Upstream's default "full" warns that it is deprecated; [] means the same (the whole layer).
+        cuda_graph_modules=[],
         bias_dropout_fusion=False,
         # Recompute.
         recompute_granularity=recompute,
