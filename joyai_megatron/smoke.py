@@ -28,7 +28,7 @@ from pathlib import Path
 
 from joyai_megatron.config.recipe import load_recipe, save_resolved_recipe
 from joyai_megatron.config.schema import Recipe
-from joyai_megatron.model.presets import arch_from_dict
+from joyai_megatron.model.presets import recipe_arch
 
 # The loss each stage logs: total (with MTP; DPO's), the LM part alone, RL's policy loss.
 LOSS_KEYS = ("loss", "lm_loss", "policy_loss")
@@ -49,7 +49,7 @@ class SmokeResult:
 
 def one_device_overrides(recipe: Recipe, args: argparse.Namespace) -> list[str]:
     """Depth, layout, batch, length and evaluation for one device; the rest stays as shipped."""
-    arch = arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch})
+    arch = recipe_arch(recipe)
     overrides = [
         f"model.arch.num_layers={args.layers}",
         # One GPU holds what one expert-parallel rank of the shipped layout holds.

@@ -36,7 +36,8 @@ from joyai_megatron.convert.dist_ckpt import (
     DistCkptReader,
     write_dist_checkpoint,
 )
-from joyai_megatron.convert.to_hf import arch_from_recipe, load_checkpoint_recipe
+from joyai_megatron.convert.to_hf import load_checkpoint_recipe
+from joyai_megatron.model.presets import recipe_arch
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def check_same_architecture(readers: Sequence[DistCkptReader]) -> list[str]:
                 )
             if a.dtype.is_floating_point != b.dtype.is_floating_point:
                 raise ConversionError(f"{key}: {a.dtype} in {first.path} but {b.dtype} in {other.path}")
-    archs = [arch_from_recipe(load_checkpoint_recipe(r.path)) for r in readers]
+    archs = [recipe_arch(load_checkpoint_recipe(r.path)) for r in readers]
     for reader, arch in zip(readers[1:], archs[1:], strict=True):
         diff = {k: (v, getattr(arch, k)) for k, v in asdict(archs[0]).items() if getattr(arch, k) != v}
         if diff:

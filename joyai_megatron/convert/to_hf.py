@@ -32,7 +32,7 @@ from joyai_megatron.convert.hf_config import arch_to_hf_config, generation_confi
 from joyai_megatron.convert.hf_io import PlannedTensor, write_hf_shards
 from joyai_megatron.convert.mapping import MappingTable, TensorMap, mapping_table
 from joyai_megatron.convert.plan import check_checkpoint, row_regions
-from joyai_megatron.model.presets import ModelArch, arch_from_dict
+from joyai_megatron.model.presets import recipe_arch
 from joyai_megatron.training.checkpoint_scan import verify_directory
 
 # Rounding the router bias would change which experts are picked; transformers keeps it in fp32.
@@ -53,14 +53,6 @@ def load_checkpoint_recipe(iter_dir: Path) -> Recipe:
         if candidate.is_file():
             return load_recipe(candidate)
     raise ConversionError(f"{iter_dir}: no recipe.yaml beside the checkpoint; the architecture is unknown")
-
-
-def arch_from_recipe(recipe: Recipe) -> ModelArch:
-    """The architecture the trainer built: preset + ``model.arch`` overrides, MTP only if enabled."""
-    arch = arch_from_dict({"preset": recipe.model.preset, **dict(recipe.model.arch)})
-    if not recipe.model.mtp_enabled and arch.mtp_num_layers:
-        arch = arch.replace(mtp_num_layers=0)
-    return arch
 
 
 def _reader_fn(
@@ -122,7 +114,7 @@ def export_to_hf(
     if note and progress:
         print(f"to-hf: note: {note}")
     recipe = load_checkpoint_recipe(iter_dir)
-    arch = arch_from_recipe(recipe)
+    arch = recipe_arch(recipe)
     include_mtp = include_mtp and arch.mtp_num_layers > 0
     table = mapping_table(arch, include_mtp)
     reader = DistCkptReader(iter_dir)

@@ -27,7 +27,8 @@ from joyai_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
 from joyai_megatron.convert.hf_io import HFCheckpoint
 from joyai_megatron.convert.mapping import MappingTable, TensorMap, mapping_table, megatron_to_hf
 from joyai_megatron.convert.plan import check_checkpoint, check_hf
-from joyai_megatron.convert.to_hf import KEEP_FP32, arch_from_recipe, load_checkpoint_recipe
+from joyai_megatron.convert.to_hf import KEEP_FP32, load_checkpoint_recipe
+from joyai_megatron.model.presets import recipe_arch
 from joyai_megatron.training.checkpoint_scan import verify_directory
 
 
@@ -212,7 +213,7 @@ def verify(
     notes = [n for d in (iter_dir, hf_dir) if d is not None and (n := verify_directory(Path(d)))]
     if hf_dir is None:
         return VerifyReport(notes=notes)
-    arch = arch_from_recipe(load_checkpoint_recipe(iter_dir))
+    arch = recipe_arch(load_checkpoint_recipe(iter_dir))
     hf_arch = arch_from_hf_config(load_hf_config(hf_dir))
     include_mtp = include_mtp and arch.mtp_num_layers > 0 and hf_arch.mtp_num_layers > 0
     mismatched = [

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from joyai_megatron.config.schema import Recipe
 
 
 @dataclass(frozen=True)
@@ -132,3 +136,13 @@ def arch_from_dict(values: dict) -> ModelArch:
     if base is None:
         return ModelArch(**values)
     return base.replace(**values) if values else base
+
+
+def recipe_arch(recipe: Recipe) -> ModelArch:
+    """The architecture a recipe's model has: its preset with the ``model.arch`` overrides, and the
+    MTP block only when ``model.mtp_enabled`` (``mtp_num_layers`` 0 otherwise), so training, plan,
+    conversion, merge and evaluation agree on what was built."""
+    arch = arch_from_dict({"preset": recipe.model.preset, **dict(recipe.model.arch)})
+    if not recipe.model.mtp_enabled and arch.mtp_num_layers:
+        arch = arch.replace(mtp_num_layers=0)
+    return arch

@@ -59,9 +59,9 @@ from joyai_megatron.convert.common import (
 from joyai_megatron.convert.hf_config import arch_to_hf_config, generation_config
 from joyai_megatron.convert.hf_io import PlannedTensor, write_hf_shards
 from joyai_megatron.convert.mapping import MappingTable, TensorMap, mapping_table, megatron_to_hf
-from joyai_megatron.convert.to_hf import KEEP_FP32, arch_from_recipe, load_checkpoint_recipe
+from joyai_megatron.convert.to_hf import KEEP_FP32, load_checkpoint_recipe
 from joyai_megatron.errors import run_cli
-from joyai_megatron.model.presets import ModelArch
+from joyai_megatron.model.presets import ModelArch, recipe_arch
 from joyai_megatron.quant import compressed
 from joyai_megatron.quant import modelopt_state as mos
 
@@ -93,7 +93,7 @@ def load_qat_model(checkpoint: str | os.PathLike, include_mtp: bool = True) -> Q
             "(export unquantized checkpoints with python -m joyai_megatron.convert to-hf)"
         )
     recipe = load_checkpoint_recipe(iteration_dir)
-    arch = arch_from_recipe(recipe)
+    arch = recipe_arch(recipe)
     init_single_process()
     model = build_megatron_model(
         arch,

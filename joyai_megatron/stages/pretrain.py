@@ -37,9 +37,9 @@ def resolve_blend(data: Any) -> tuple[list[str], list[float] | None]:
 
 def check_vocab(tokenizer: HFTokenizer | None, recipe: Any) -> None:
     """Token ids beyond the embedding table fail deep inside the first forward; stop here instead."""
-    from joyai_megatron.model.presets import arch_from_dict
+    from joyai_megatron.model.presets import recipe_arch
 
-    vocab = arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch}).vocab_size
+    vocab = recipe_arch(recipe).vocab_size
     if tokenizer is not None and tokenizer.vocab_size > vocab:
         raise ValueError(
             f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab}; "
@@ -129,9 +129,9 @@ class _MockTokenizer:
     """What MockGPTDataset needs when no tokenizer is configured."""
 
     def __init__(self, recipe: Any) -> None:
-        from joyai_megatron.model.presets import arch_from_dict
+        from joyai_megatron.model.presets import recipe_arch
 
-        self.vocab_size = arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch}).vocab_size
+        self.vocab_size = recipe_arch(recipe).vocab_size
         self.eod = 1
         self.pad = 1
         self.unique_identifiers = {"class": type(self).__name__, "vocab_size": self.vocab_size}

@@ -37,8 +37,8 @@ class QATStage(Stage):
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> None:
+        from joyai_megatron.model.presets import recipe_arch
         from joyai_megatron.quant.formats import check_qat_recipe
-        from joyai_megatron.training.trainer import recipe_arch
 
         check_qat_recipe(recipe, recipe_arch(recipe))
         data_stage_class(recipe.qat.data).check_recipe(recipe)

@@ -114,13 +114,14 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Any]
         init_single_process,
         load_megatron_checkpoint,
     )
-    from joyai_megatron.convert.to_hf import arch_from_recipe, load_checkpoint_recipe
+    from joyai_megatron.convert.to_hf import load_checkpoint_recipe
+    from joyai_megatron.model.presets import recipe_arch
     from joyai_megatron.training.checkpoint import resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     recipe = load_checkpoint_recipe(path)
     init_single_process()
-    arch = arch_from_recipe(recipe)
+    arch = recipe_arch(recipe)
     model = build_megatron_model(arch, mtp=bool(arch.mtp_num_layers))
     load_megatron_checkpoint(model, path)
     return model.eval(), recipe

@@ -20,7 +20,7 @@ from joyai_megatron.config.recipe import RecipeError, load_recipe
 from joyai_megatron.config.schema import Recipe
 from joyai_megatron.model.config import check_gpu_config
 from joyai_megatron.model.count import flops_per_token
-from joyai_megatron.model.presets import ModelArch, arch_from_dict
+from joyai_megatron.model.presets import ModelArch, recipe_arch
 
 GB = 1e9
 # Memory no tensor of ours may use: CUDA context, NCCL and cuBLAS/TE workspaces (fixed part) and
@@ -547,7 +547,7 @@ def main(args: argparse.Namespace) -> int:
                 f"--nodes ({args.nodes}) and --gpus-per-node ({args.gpus_per_node}) must be >= 1"
             )
         recipe = load_recipe(args.recipe, list(args.overrides))
-        arch = arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch})
+        arch = recipe_arch(recipe)
         layout = validate_layout(recipe, arch, world)
         # The exact Megatron-Core config the GPU job builds, so its own checks refuse a recipe here
         # rather than at step 0 on the allocated GPUs.

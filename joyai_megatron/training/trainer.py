@@ -37,7 +37,7 @@ from joyai_megatron.config.schema import Recipe
 from joyai_megatron.model.build import build_joyai_model
 from joyai_megatron.model.config import build_transformer_config
 from joyai_megatron.model.count import flops_per_token
-from joyai_megatron.model.presets import ModelArch, arch_from_dict
+from joyai_megatron.model.presets import recipe_arch
 from joyai_megatron.model.spec import require_transformer_engine
 from joyai_megatron.optim.batch_ramp import batch_size_at, batch_sizes, ramp_thresholds, schedule_string
 from joyai_megatron.optim.builder import build_optimizer
@@ -49,10 +49,6 @@ from joyai_megatron.training.ddp import wrap_in_ddp
 from joyai_megatron.training.distributed import init_distributed, init_model_parallel, read_dist_env, set_seed
 from joyai_megatron.training.metrics import MetricsLogger, interval_means
 from joyai_megatron.training.signals import ExitSignalHandler
-
-
-def recipe_arch(recipe: Recipe) -> ModelArch:
-    return arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch})
 
 
 def _output_requires_grad(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:

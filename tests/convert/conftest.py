@@ -48,10 +48,11 @@ def megatron_model(tiny_ckpt: Path):
         init_single_process,
         load_megatron_checkpoint,
     )
-    from joyai_megatron.convert.to_hf import arch_from_recipe, load_checkpoint_recipe
+    from joyai_megatron.convert.to_hf import load_checkpoint_recipe
+    from joyai_megatron.model.presets import recipe_arch
 
     init_single_process()
-    arch = arch_from_recipe(load_checkpoint_recipe(tiny_ckpt / "iter_0000000"))
+    arch = recipe_arch(load_checkpoint_recipe(tiny_ckpt / "iter_0000000"))
     model = build_megatron_model(arch)
     load_megatron_checkpoint(model, tiny_ckpt / "iter_0000000")
     return model.eval(), arch

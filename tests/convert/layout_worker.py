@@ -26,9 +26,10 @@ def run_layout(name: str, tp: int, pp: int, ep: int, etp: int, src: Path, out: P
     from joyai_megatron.config.schema import ModelCfg, ParallelCfg, PrecisionCfg
     from joyai_megatron.convert.live import hf_named_tensors
     from joyai_megatron.convert.megatron_model import load_megatron_checkpoint, megatron_logits
-    from joyai_megatron.convert.to_hf import arch_from_recipe, load_checkpoint_recipe
+    from joyai_megatron.convert.to_hf import load_checkpoint_recipe
     from joyai_megatron.model.build import build_joyai_model
     from joyai_megatron.model.config import build_transformer_config
+    from joyai_megatron.model.presets import recipe_arch
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -39,7 +40,7 @@ def run_layout(name: str, tp: int, pp: int, ep: int, etp: int, src: Path, out: P
     )
     rank = dist.get_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    arch = arch_from_recipe(load_checkpoint_recipe(src))
+    arch = recipe_arch(load_checkpoint_recipe(src))
     torch.manual_seed(rank + 7)  # different init per rank: only the loaded weights may matter
     parallel = ParallelCfg(tp=tp, pp=pp, ep=ep, etp=etp)
     model = build_joyai_model(

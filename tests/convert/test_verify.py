@@ -19,15 +19,16 @@ from joyai_megatron.convert import ConversionError
 from joyai_megatron.convert.dist_ckpt import DistCkptReader, TensorInfo
 from joyai_megatron.convert.hf_io import HFCheckpoint
 from joyai_megatron.convert.mapping import mapping_table
-from joyai_megatron.convert.to_hf import arch_from_recipe, load_checkpoint_recipe
+from joyai_megatron.convert.to_hf import load_checkpoint_recipe
 from joyai_megatron.convert.verify import check_coverage, verify
+from joyai_megatron.model.presets import recipe_arch
 from joyai_megatron.training.checkpoint_scan import CheckpointError
 
 
 @pytest.fixture()
 def parts(tiny_ckpt, tiny_export):
     reader = DistCkptReader(tiny_ckpt)
-    table = mapping_table(arch_from_recipe(load_checkpoint_recipe(reader.path)))
+    table = mapping_table(recipe_arch(load_checkpoint_recipe(reader.path)))
     return reader, HFCheckpoint(tiny_export), table
 
 

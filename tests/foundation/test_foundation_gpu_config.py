@@ -14,7 +14,7 @@ from joyai_megatron.compat import target
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.config.schema import PrecisionCfg
 from joyai_megatron.model.config import ConfigRejected, check_fp8_shapes, check_gpu_config, recipe_keys_in
-from joyai_megatron.model.presets import TINY, arch_from_dict, get_preset
+from joyai_megatron.model.presets import TINY, get_preset, recipe_arch
 
 SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.name != "base.yaml")
 
@@ -22,7 +22,7 @@ SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.name != "bas
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_every_shipped_recipe_builds_its_gpu_config(path: Path) -> None:
     recipe = load_recipe(path)
-    arch = arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch})
+    arch = recipe_arch(recipe)
     check_gpu_config(arch, recipe.model, recipe.parallel, recipe.precision)
 
 
@@ -115,7 +115,7 @@ def test_smoke_puts_each_gpu_recipe_on_one_device(path: Path, tmp_path: Path) ->
     )
     shipped = load_recipe(path)
     recipe = smoke_recipe(str(path), tmp_path, tmp_path / "data", args, init=tmp_path / "init")
-    arch = arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch})
+    arch = recipe_arch(recipe)
     layout = validate_layout(recipe, arch, world_size=1)
     assert (layout.tp, layout.pp, layout.ep, layout.cp, layout.dp) == (1, 1, 1, 1, 1)
     assert arch.num_layers == 2 and arch.num_experts == 256 // shipped.parallel.ep

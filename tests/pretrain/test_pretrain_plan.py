@@ -16,7 +16,7 @@ from joyai_megatron import cli
 from joyai_megatron.config.layout import validate_layout
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.model.count import build_on_meta, count_model
-from joyai_megatron.model.presets import PRESETS, TINY, arch_from_dict
+from joyai_megatron.model.presets import PRESETS, TINY, arch_from_dict, recipe_arch
 from joyai_megatron.training import plan
 
 STAGE1 = "recipes/pretrain/joyai_48b_a3b/stage1.yaml"
@@ -52,7 +52,7 @@ def test_muon_adam_split_matches_the_built_model(single_process: None, tmp_path:
 
 def _layout(path: str, world: int, *overrides: str):
     recipe = load_recipe(REPO / path, list(overrides))
-    arch = arch_from_dict({"preset": recipe.model.preset, **recipe.model.arch})
+    arch = recipe_arch(recipe)
     return recipe, arch, validate_layout(recipe, arch, world)
 
 

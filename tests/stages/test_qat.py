@@ -15,8 +15,8 @@ from stage_helpers import TINY_BASE, Run, run_stage
 
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.convert.common import ConversionError
+from joyai_megatron.model.presets import recipe_arch
 from joyai_megatron.quant.formats import QATConfigError, check_qat_recipe, modelopt_config
-from joyai_megatron.training.trainer import recipe_arch
 
 REPO = Path(__file__).resolve().parents[2]
 QAT_TINY = REPO / "recipes" / "qat" / "tiny_cpu.yaml"
