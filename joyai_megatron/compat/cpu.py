@@ -258,6 +258,13 @@ _TYPE_NAME_SITES: list[tuple[str, str, str]] = [
         "DistributedOptimizer.__init__",
         "401,466,758; optimizer.py:698-705",
     ),
+    # BF16/FP16 without ZeRO-1: the same flags (optimizer.py l.690-702) and the main-parameter copies
+    # made only for parameters whose type string is a CUDA half type (l.1009, l.1028).
+    (
+        "megatron.core.optimizer.optimizer",
+        "Float16OptimizerWithFloat16Params.__init__",
+        "690-702,1009,1028",
+    ),
 ]
 
 # Sites in optional packages, patched only once their module has been imported (importing ModelOpt
