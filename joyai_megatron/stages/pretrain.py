@@ -14,7 +14,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from joyai_megatron.stages.base import Stage
 from joyai_megatron.stages.logprobs import stage_padding_mask
 from joyai_megatron.training.distributed import current_device
-from joyai_megatron.training.packing import pack_batch, split_for_context_parallel
+from joyai_megatron.training.packing import PackedBatch, pack_batch, split_for_context_parallel
 from joyai_megatron.training.tokenizer import HFTokenizer
 
 
@@ -45,6 +45,23 @@ def check_vocab(tokenizer: HFTokenizer | None, recipe: Any) -> None:
             f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab}; "
             "set model.arch.vocab_size or use the matching tokenizer"
         )
+
+
+def forward_packed(model: torch.nn.Module, packed: PackedBatch, sequence_parallel: bool) -> tuple[Any, Any]:
+    """The language-model forward of pretraining and SFT on a packed micro-batch: this CP rank's
+    share of it on the device, the per-token loss, and the loss function the schedule calls."""
+    packed = split_for_context_parallel(packed, sequence_parallel=sequence_parallel)
+    packed = packed.to(current_device())
+    output = model(
+        packed.tokens,
+        packed.position_ids,
+        None,
+        labels=packed.labels,
+        loss_mask=packed.loss_mask,
+        packed_seq_params=packed.packed_seq_params,
+        padding_mask=stage_padding_mask(model, packed.padding_mask(current_device())),
+    )
+    return output, partial(token_loss, packed.loss_mask)
 
 
 def token_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -111,18 +128,7 @@ class PretrainStage(Stage):
             # One segment per row: positions never restart inside it.
             position_ids = torch.arange(position_ids.shape[-1]).expand_as(position_ids)
         packed = pack_batch(batch["tokens"], batch["labels"], batch["loss_mask"], position_ids)
-        packed = split_for_context_parallel(packed, sequence_parallel=self.recipe.parallel.sequence_parallel)
-        packed = packed.to(current_device())
-        output = model(
-            packed.tokens,
-            packed.position_ids,
-            None,
-            labels=packed.labels,
-            loss_mask=packed.loss_mask,
-            packed_seq_params=packed.packed_seq_params,
-            padding_mask=stage_padding_mask(model, packed.padding_mask(current_device())),
-        )
-        return output, partial(token_loss, packed.loss_mask)
+        return forward_packed(model, packed, self.recipe.parallel.sequence_parallel)
 
 
 class _MockTokenizer:

@@ -14,19 +14,16 @@ set by blending two packed files (``sft.thinking_path`` at ``sft.thinking_ratio`
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from joyai_megatron.stages.base import Stage
-from joyai_megatron.stages.logprobs import stage_padding_mask
-from joyai_megatron.stages.pretrain import check_vocab, token_loss
+from joyai_megatron.stages.pretrain import check_vocab, forward_packed
 from joyai_megatron.stages.sampling import ShuffledBlend
 from joyai_megatron.training import checkpoint as ckpt
-from joyai_megatron.training.distributed import current_device
-from joyai_megatron.training.packing import pack_batch, split_for_context_parallel
+from joyai_megatron.training.packing import pack_batch
 from joyai_megatron.training.tokenizer import HFTokenizer
 
 ROW_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -142,15 +139,4 @@ class SFTStage(Stage):
             batch["position_ids"],
             cu_seqlens=batch["cu_seqlens"],
         )
-        packed = split_for_context_parallel(packed, sequence_parallel=self.recipe.parallel.sequence_parallel)
-        packed = packed.to(current_device())
-        output = model(
-            packed.tokens,
-            packed.position_ids,
-            None,
-            labels=packed.labels,
-            loss_mask=packed.loss_mask,
-            packed_seq_params=packed.packed_seq_params,
-            padding_mask=stage_padding_mask(model, packed.padding_mask(current_device())),
-        )
-        return output, partial(token_loss, packed.loss_mask)
+        return forward_packed(model, packed, self.recipe.parallel.sequence_parallel)
