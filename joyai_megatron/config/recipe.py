@@ -99,11 +99,13 @@ def _override_for(err: Exception, overrides: list[str]) -> str:
 
 
 def _check_values(recipe: Recipe, where: str) -> None:
-    """Values that type-check but cannot mean anything (a run of -5 steps writes iter_0000000)."""
+    """Values that type-check but cannot mean anything (a run of -5 steps wrote iter_0000000).  A
+    length of 0 is meaningful: build, save the initial weights as ``iter_0000000`` and exit."""
     t = recipe.train
     for key, value in (("train.train_iters", t.train_iters), ("train.train_tokens", t.train_tokens)):
-        if value is not None and value <= 0:
-            why, fix = f"{value} is not a positive length", "give a number of steps (or tokens) above 0"
+        if value is not None and value < 0:
+            why = f"{value} is a negative length"
+            fix = "give a number of steps (or tokens); 0 only saves the initial weights"
             raise RecipeError(f"invalid value in {where} or its overrides", key, why, fix)
 
 

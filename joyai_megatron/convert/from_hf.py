@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from joyai_megatron.checksums import hash_directory
 from joyai_megatron.config.recipe import save_resolved_recipe
 from joyai_megatron.config.schema import Recipe
 from joyai_megatron.convert.common import (
@@ -46,7 +45,7 @@ from joyai_megatron.convert.hf_io import HFCheckpoint
 from joyai_megatron.convert.mapping import MappingTable, mapping_table
 from joyai_megatron.convert.plan import check_hf, row_regions, row_storage_names, storage_shapes
 from joyai_megatron.model.presets import ModelArch
-from joyai_megatron.training.checkpoint_scan import COMPLETE
+from joyai_megatron.training.checkpoint_scan import seal
 
 KEEP_FP32 = ("e_score_correction_bias",)
 _RECIPE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -153,8 +152,7 @@ def import_from_hf(
         ) as bar:
             write_dist_checkpoint(tmp / iter_name, chunks, objects, threads=threads, on_write=bar.update)
         save_resolved_recipe(recipe_for(arch, hf_dir, main_dtype, names), tmp / iter_name)
-        hash_directory(tmp / iter_name, threads)
-        (tmp / iter_name / COMPLETE).write_text(str(iteration))
+        seal(tmp / iter_name, iteration, threads)
         (tmp / TRACKER_FILE).write_text(str(iteration))
     out = Path(output).resolve()
     return ImportResult(out, out / iter_name, len(chunks), total, time.perf_counter() - start)

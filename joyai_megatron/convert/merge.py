@@ -38,6 +38,7 @@ from joyai_megatron.convert.dist_ckpt import (
 )
 from joyai_megatron.convert.to_hf import load_checkpoint_recipe
 from joyai_megatron.model.presets import recipe_arch
+from joyai_megatron.training.checkpoint_scan import seal
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,7 @@ def merge_checkpoints(
         (tmp / iter_name / "merge.json").write_text(
             json.dumps({"sources": sources, "ema_decay": ema_decay}, indent=1)
         )
+        seal(tmp / iter_name, iteration, threads)
         (tmp / TRACKER_FILE).write_text(str(iteration))
     out = Path(output).resolve()
     return MergeResult(out, out / iter_name, inputs, len(keys), total, time.perf_counter() - start)

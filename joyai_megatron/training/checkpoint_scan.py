@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from joyai_megatron.checksums import MANIFEST, ManifestError, check_files, read_manifest
+from joyai_megatron.checksums import MANIFEST, ManifestError, check_files, hash_directory, read_manifest
 from joyai_megatron.errors import UserError
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -33,6 +33,13 @@ def iter_dir(root: str | os.PathLike, iteration: int) -> Path:
 
 def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file()
+
+
+def seal(path: Path, iteration: int, threads: int = 4) -> None:
+    """Finish a checkpoint written by a tool rather than the trainer (``convert from-hf``, ``merge``):
+    its checksum manifest, then the ``COMPLETE`` marker that resume and conversion look for."""
+    hash_directory(path, threads)
+    (path / COMPLETE).write_text(str(iteration))
 
 
 @dataclass

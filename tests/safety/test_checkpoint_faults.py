@@ -160,12 +160,12 @@ def test_disk_full_during_save_is_named(tmp_path: Path) -> None:
     assert_one_line_error(result.stderr, "disk full (ENOSPC)", "iter_0000001.tmp")
 
 
-def test_training_refuses_nonpositive_train_iters(tmp_path: Path) -> None:
+def test_training_refuses_negative_train_iters(tmp_path: Path) -> None:
     """Defect 3: train.train_iters=-5 wrote iter_0000000."""
     recipe = write_mock_recipe(tmp_path)
     result = run_joyai("pretrain", recipe, ["train.train_iters=-5"])
     assert result.returncode == 2
-    assert_one_line_error(result.stderr, "train.train_iters", "-5 is not a positive length")
+    assert_one_line_error(result.stderr, "train.train_iters", "-5 is a negative length")
     assert not (tmp_path / "ckpt").exists()
 
 

@@ -95,10 +95,13 @@ def _spawn(
 
 def _wait(process: subprocess.Popen, timeout_s: float) -> bool:
     """Wait up to the wall clock; True if it ran out. A pidfd wakes us the moment the process
-    exits (``Popen.wait(timeout)`` polls with sleeps of up to 50 ms, a third of a verification)."""
+    exits (``Popen.wait(timeout)`` polls with sleeps of up to 50 ms, a third of a verification).
+    ``poll``, not ``select``: a trainer holds many files, and select() fails on descriptors >= 1024."""
     pidfd = os.pidfd_open(process.pid)
     try:
-        exited, _, _ = select.select([pidfd], [], [], timeout_s)
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        exited = bool(poller.poll(max(timeout_s, 0.0) * 1000))
     finally:
         os.close(pidfd)
     if exited:
