@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -69,6 +70,23 @@ def run_joyai(
     if result.returncode != 0:
         sys.stderr.write(result.stdout[-6000:] + result.stderr[-6000:])
     return result
+
+
+def start_joyai(stage: str, recipe: Path, overrides: list[str], **popen: object) -> subprocess.Popen:
+    """A run in its own process group, so :func:`kill_run` takes its async checkpoint writers with
+    it, as Slurm or torchrun ending a job does (a writer left behind blocks forever, ~750 MB each)."""
+    return subprocess.Popen(
+        joyai_command(stage, recipe, overrides), cwd=REPO, env=clean_env(), start_new_session=True, **popen
+    )
+
+
+def kill_run(proc: subprocess.Popen) -> int:
+    """SIGKILL the run and every process it started; returns its exit status."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.wait()
 
 
 def read_metrics(log_dir: Path) -> list[dict]:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from joyai_helpers import REPO, clean_env, joyai_command, read_metrics, run_joyai, write_mock_recipe
+from joyai_helpers import kill_run, read_metrics, run_joyai, start_joyai, write_mock_recipe
 
 from joyai_megatron.training.checkpoint import latest_iteration
 
@@ -17,10 +17,7 @@ N = 4
 
 
 def _start(recipe: Path, overrides: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        joyai_command("pretrain", recipe, overrides), cwd=REPO, env=clean_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    return start_joyai("pretrain", recipe, overrides, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -29,7 +26,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
         if proc.poll() is not None:
             raise AssertionError(f"run ended (rc={proc.returncode}) before the condition:\n{proc.stdout.read()[-4000:]}")
         if time.time() > deadline:
-            proc.kill()
+            kill_run(proc)
             raise AssertionError("timed out waiting for the run")
         time.sleep(0.02)
 
@@ -51,7 +48,7 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path, optimizer):
     proc = _start(killed, [f"train.train_iters={2 * N}", f"checkpoint.save_interval={N}"])
     ckpt = tmp_path / "killed" / "ckpt"
     _wait_for(lambda: latest_iteration(ckpt) == N, proc)
-    proc.send_signal(signal.SIGKILL)
+    kill_run(proc)
     proc.wait()
     assert latest_iteration(ckpt) == N, "the run finished before it could be killed"
 
@@ -90,8 +87,7 @@ def test_kill_during_checkpoint_write_never_leaves_a_resumable_partial(tmp_path)
         start = latest_iteration(ckpt) or 0
         _wait_for(lambda start=start: (latest_iteration(ckpt) or 0) > start, proc)
         time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_run(proc)
         step = latest_iteration(ckpt)
         assert (ckpt / f"iter_{step:07d}" / "COMPLETE").is_file()
         assert (ckpt / f"iter_{step:07d}" / "train_state.json").is_file()

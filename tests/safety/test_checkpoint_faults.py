@@ -6,7 +6,6 @@ call the resolution and verification functions the trainer and the converter use
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from fault_helpers import Run, assert_one_line_error, flip_bit, truncate
-from joyai_helpers import REPO, clean_env, joyai_command, run_joyai, write_mock_recipe
+from joyai_helpers import REPO, clean_env, joyai_command, kill_run, run_joyai, start_joyai, write_mock_recipe
 
 from joyai_megatron.checksums import MANIFEST, read_manifest
 from joyai_megatron.convert.dist_ckpt import resolve_iteration_dir
@@ -119,15 +118,13 @@ def test_garbled_manifest_is_named(trained: Run, tmp_path: Path) -> None:
 def test_kill_during_save_leaves_only_complete_checkpoints(trained: Run, tmp_path: Path) -> None:
     """SIGKILL while a step's save is being written: resume and export never see the partial one."""
     run = trained.copy_to(tmp_path)
-    proc = subprocess.Popen(
-        joyai_command("pretrain", run.recipe, ["train.train_iters=50"]),
-        cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = start_joyai(
+        "pretrain", run.recipe, ["train.train_iters=50"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while not list(run.ckpt.glob("iter_*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run ended before a save could be interrupted"
+    assert kill_run(proc) == -signal.SIGKILL, "the run ended before a save could be interrupted"
     start = start_point(run.ckpt, None, allow_fresh_start=False)
     assert start.path is not None and (start.path / "COMPLETE").is_file()
     assert verify_directory(start.path) is None
