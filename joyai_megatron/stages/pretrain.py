@@ -11,6 +11,7 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
+from joyai_megatron.model.presets import recipe_arch
 from joyai_megatron.stages.base import Stage
 from joyai_megatron.stages.logprobs import stage_padding_mask
 from joyai_megatron.training.distributed import current_device
@@ -37,8 +38,6 @@ def resolve_blend(data: Any) -> tuple[list[str], list[float] | None]:
 
 def check_vocab(tokenizer: HFTokenizer | None, recipe: Any) -> None:
     """Token ids beyond the embedding table fail deep inside the first forward; stop here instead."""
-    from joyai_megatron.model.presets import recipe_arch
-
     vocab = recipe_arch(recipe).vocab_size
     if tokenizer is not None and tokenizer.vocab_size > vocab:
         raise ValueError(
@@ -135,8 +134,6 @@ class _MockTokenizer:
     """What MockGPTDataset needs when no tokenizer is configured."""
 
     def __init__(self, recipe: Any) -> None:
-        from joyai_megatron.model.presets import recipe_arch
-
         self.vocab_size = recipe_arch(recipe).vocab_size
         self.eod = 1
         self.pad = 1
