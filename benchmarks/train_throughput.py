@@ -42,6 +42,7 @@ PARTS = {
     # The production path: Transformer Engine (fused attention, TE grouped GEMMs, fused permutation),
     # BF16 and each FP8 scaling recipe (E4M3, experts' token counts padded for FP8).
     "te": ("ours", {"backend": "te"}),
+    "te-no-mtp": ("ours", {"backend": "te", "mtp": False}),
     "te-fp8-blockwise": ("ours", {"backend": "te", "fp8_recipe": "blockwise"}),
     "te-fp8-tensorwise": ("ours", {"backend": "te", "fp8_recipe": "tensorwise"}),
     "te-fp8-delayed": ("ours", {"backend": "te", "fp8_recipe": "delayed"}),
@@ -465,7 +466,7 @@ def report(args: argparse.Namespace, env: dict[str, Any], peak: float, results: 
         for name, r in done.items():
             if name.startswith("te-fp8"):
                 lines.append(f"ratio {name}/te: tokens/s {r['tokens_per_s'] / done['te']['tokens_per_s']:.2f}x")
-    for ours in ("ours", "ours-no-mtp", "ours-sequential"):
+    for ours in ("ours", "ours-no-mtp", "ours-sequential", "te", "te-no-mtp"):
         for base in ("baseline", "baseline-eager"):
             if ours in done and base in done:
                 a, b = done[ours], done[base]

@@ -448,10 +448,13 @@ class Trainer:
             if r.train.exit_duration_mins and (time.time() - start_time) / 60 > r.train.exit_duration_mins:
                 exit_reason = "duration"
                 break
-        if saved_at != self.state.iteration:
+        path: Path | str
+        if saved_at == self.state.iteration:
+            path = ckpt.iter_dir(r.checkpoint.dir, self.state.iteration)
+        elif r.checkpoint.save_at_end:
             path = self.save()
         else:
-            path = ckpt.iter_dir(r.checkpoint.dir, self.state.iteration)
+            path = "none (checkpoint.save_at_end=false)"
         if self.async_saves is not None:
             self.async_saves.maybe_finalize_async_calls(blocking=True)
             self.async_saves.close()

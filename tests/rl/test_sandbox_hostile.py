@@ -32,10 +32,14 @@ SECRET = "s3cret-credential"
 
 
 def _attack(body: str) -> str:
-    """A program whose add() is right only if ``attack()`` (defined by ``body``) returned True."""
+    """A program whose add() is right only if ``attack()`` (defined by ``body``) returned True.
+
+    The failure is printed with flush=True: the judge can finish and the solution be killed before
+    a buffered print reaches the log (seen once in a loaded full run).
+    """
     return (
         body
-        + "\ntry:\n    ESCAPED = attack() is True\nexcept BaseException as exc:\n    print('attack failed:', repr(exc))\n"
+        + "\ntry:\n    ESCAPED = attack() is True\nexcept BaseException as exc:\n    print('attack failed:', repr(exc), flush=True)\n"
         "    ESCAPED = False\n\ndef add(a, b):\n    return a + b if ESCAPED else a - b\n"
     )
 
