@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--fp8-param-gather", action="store_true", help="FP8 parts keep FP8 weights (as the recipes)"
     )
+    p.add_argument(
+        "--grad-norms", action="store_true", help="compare step-1 gradient norms per tensor group too"
+    )
     p.add_argument("--out-dir", type=Path, default=Path("runs/benchmarks/backend_equivalence"))
     p.add_argument("--override", action="append", default=[], help="key=value for every part (CPU checks)")
     args = p.parse_args(argv)
@@ -103,6 +106,8 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
     ]
     if args.layers:
         out.append(f"model.arch.num_layers={args.layers}")
+    if args.grad_norms:
+        out.append("logging.param_grad_norms_at=[1]")
     return out + list(args.override)
 
 
@@ -149,6 +154,33 @@ def run_parts(args: argparse.Namespace, parts: list[str], init: Path) -> dict[st
                 print(f"  {name}: exit {proc.returncode}", flush=True)
         time.sleep(1)
     return codes
+
+
+# Tensor groups whose gradient norms are compared across backends (parameter names differ between
+# TE's fused modules and the local ones; the groups do not). First match wins.
+GROUPS = ("mtp", "shared_experts", "experts", "router", "embedding", "output_layer", "self_attention",
+          "mlp", "norm")  # fmt: skip
+
+
+def grad_norm_groups(path: Path) -> dict[str, float]:
+    """Step-1 gradient norm per tensor group from a part's ``param_grad_norms`` file."""
+    squares: dict[str, float] = {}
+    for name, norm in json.loads(path.read_text()).items():
+        group = next((g for g in GROUPS if g in name), "other")
+        squares[group] = squares.get(group, 0.0) + norm * norm
+    return {g: v**0.5 for g, v in sorted(squares.items())}
+
+
+def compare_grad_norms(args: argparse.Namespace, parts: list[str]) -> list[str]:
+    found = {p: args.out_dir / p / "logs" / "param_grad_norms" / "step_1.rank0.json" for p in parts}
+    groups = {p: grad_norm_groups(f) for p, f in found.items() if f.is_file()}
+    if len(groups) < 2:
+        return [f"step-1 gradient norms: only {sorted(groups)} wrote them"]
+    names = sorted(set().union(*groups.values()))
+    lines = ["step-1 gradient norm per tensor group: " + " | ".join(groups)]
+    for g in names:
+        lines.append(f"  {g:<16}" + "".join(f"{groups[p].get(g, float('nan')):>12.4f}" for p in groups))
+    return lines
 
 
 def compare(args: argparse.Namespace, results: dict[str, list[dict]]) -> tuple[list[str], bool]:
@@ -212,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     codes = run_parts(args, parts, init)
     results = {name: metrics(args, name) for name in parts}
     lines, ok = compare(args, results)
+    if args.grad_norms:
+        lines += compare_grad_norms(args, parts)
     ok &= all(code == 0 for code in codes.values())
     text = "\n".join([f"== backend_equivalence: {args.preset}, seq {args.seq_length} x {args.global_batch}, "
                       f"{args.steps} steps, lr {args.lr} ==", *lines])  # fmt: skip

@@ -155,6 +155,10 @@ class LoggingCfg:
     tensorboard: bool = True
     wandb_project: str | None = None  # offline unless WANDB_API_KEY is set
     wandb_name: str | None = None
+    # Steps whose per-parameter gradient norms (reduced, before clipping) are written to
+    # <dir>/param_grad_norms/step_<N>.rank<R>.json: finds which tensors two backends or layouts
+    # disagree on when the total norm does (Muon and Adam hide a per-tensor scale from the loss).
+    param_grad_norms_at: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -9,6 +9,7 @@ logging, evaluation, checkpoints, signals).
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -353,6 +354,8 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self.run_microbatches(batches, forward_only=False)
+        if self.state.iteration + 1 in self.recipe.logging.param_grad_norms_at:
+            self._write_param_grad_norms(self.state.iteration + 1)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=batch_size)
@@ -380,6 +383,27 @@ class Trainer:
         values.update(self._moe_stats())
         values.update({f"stage/{k}": v for k, v in self.stage.log_metrics().items()})
         return values
+
+    def _write_param_grad_norms(self, step: int) -> None:
+        """This rank's reduced gradient norm per parameter (its ``main_grad``), before clipping.
+
+        Exact per tensor at DP=1; under the distributed optimizer at DP>1 each rank's buffer holds
+        only its reduced shard, so compare such runs at DP=1."""
+        norms: dict[str, float] = {}
+        for i, chunk in enumerate(self.model):
+            prefix = f"chunk{i}." if len(self.model) > 1 else ""
+            for name, param in chunk.named_parameters():
+                grad = getattr(param, "main_grad", None)
+                grad = param.grad if grad is None else grad
+                if grad is not None:
+                    norms[prefix + name] = float(grad.detach().float().norm())
+        out = Path(self.recipe.logging.dir) / "param_grad_norms"
+        out.mkdir(parents=True, exist_ok=True)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        path = out / f"step_{step}.rank{rank}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(norms, indent=0, sort_keys=True))
+        tmp.replace(path)
 
     def clip_qk(self) -> float:
         """MuonClip after the optimizer step: Megatron-Core's ``clip_qk`` rescales the query and key

@@ -7,6 +7,7 @@ recipe's moe_act/layernorm recompute): this runs the same check on CPU, before a
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,23 @@ def test_the_check_catches_the_recipe_recompute_with_delayed_scaling(tmp_path: P
     recipe = load_recipe(bench.BASE, [*bench.common_overrides(args), *overrides])
     with pytest.raises(ValueError, match="Delayed scaling does not support"):
         check_gpu_config(recipe_arch(recipe), recipe.model, recipe.parallel, recipe.precision)
+
+
+def test_grad_norm_groups_compare_backends_whose_parameter_names_differ(tmp_path: Path) -> None:
+    args = bench.parse_args(["--data", str(tmp_path), "--out-dir", str(tmp_path), "--grad-norms"])
+    assert "logging.param_grad_norms_at=[1]" in bench.common_overrides(args)
+    files = {
+        "local-bf16": {"decoder.layers.0.self_attention.q_layernorm.weight": 3.0,
+                       "decoder.layers.0.self_attention.linear_q_up_proj.weight": 4.0,
+                       "decoder.layers.1.mlp.experts.weight1": 2.0},
+        "te-bf16": {"decoder.layers.0.self_attention.linear_q_up_proj.layer_norm_weight": 3.0,
+                    "decoder.layers.0.self_attention.linear_q_up_proj.weight": 4.0,
+                    "decoder.layers.1.mlp.experts.linear_fc1.weight0": 1.0},
+    }  # fmt: skip
+    for part, norms in files.items():
+        out = tmp_path / part / "logs" / "param_grad_norms"
+        out.mkdir(parents=True)
+        (out / "step_1.rank0.json").write_text(json.dumps(norms))
+    lines = bench.compare_grad_norms(args, list(files))
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[1:]}
+    assert rows == {"experts": [2.0, 1.0], "self_attention": [5.0, 5.0]}
