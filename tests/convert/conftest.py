@@ -43,18 +43,18 @@ def tiny_export(work: Path, tiny_ckpt: Path) -> Path:
 @pytest.fixture(scope="session")
 def megatron_model(tiny_ckpt: Path):
     """Our Megatron GPTModel (local backend, fp32) loaded by Megatron's own checkpoint loader."""
-    from joyai_megatron.convert.megatron_model import (
+    from joyai_megatron.model.presets import recipe_arch
+    from joyai_megatron.training.checkpoint import load_model_weights
+    from joyai_megatron.training.checkpoint_model import (
         build_megatron_model,
         init_single_process,
-        load_megatron_checkpoint,
+        load_checkpoint_recipe,
     )
-    from joyai_megatron.convert.to_hf import load_checkpoint_recipe
-    from joyai_megatron.model.presets import recipe_arch
 
     init_single_process()
     arch = recipe_arch(load_checkpoint_recipe(tiny_ckpt / "iter_0000000"))
     model = build_megatron_model(arch)
-    load_megatron_checkpoint(model, tiny_ckpt / "iter_0000000")
+    load_model_weights(model, tiny_ckpt / "iter_0000000")
     return model.eval(), arch
 
 

@@ -40,10 +40,10 @@ def test_one_checkpoint_weight_one_is_bitwise(work: Path, tiny_ckpt: Path, megat
     for key, value in src.items():
         assert merged[key].dtype == value.dtype and torch.equal(merged[key], value), key
     # Megatron's own loader takes it (strict: every model tensor and _extra_state is there).
-    from joyai_megatron.convert.megatron_model import load_megatron_checkpoint
+    from joyai_megatron.training.checkpoint import load_model_weights
 
     model, _ = megatron_model
-    load_megatron_checkpoint(model, out / "iter_0000000")
+    load_model_weights(model, out / "iter_0000000")
 
 
 def test_two_checkpoints_are_a_x_plus_b_y(work: Path, tiny_ckpt: Path, other_ckpt: Path) -> None:

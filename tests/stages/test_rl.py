@@ -158,10 +158,10 @@ def test_engine_payload_is_the_hf_checkpoint_layout(tmp_path, shutdown):
 
     from joyai_megatron.convert.hf_config import arch_to_hf_config
     from joyai_megatron.convert.mapping import mapping_table
-    from joyai_megatron.convert.megatron_model import build_megatron_model, init_single_process
     from joyai_megatron.model.presets import TINY
     from joyai_megatron.rl.rollout.engines import buckets
     from joyai_megatron.rl.rollout.weight_sync import full_model_hf_weights
+    from joyai_megatron.training.checkpoint_model import build_megatron_model, init_single_process
 
     init_single_process()
     arch = TINY.replace(vocab_size=512)
@@ -267,9 +267,9 @@ def test_prompt_order_is_a_function_of_the_rollout():
 
 
 def test_logprobs_and_entropy_match_log_softmax(shutdown, monkeypatch):
-    from joyai_megatron.convert.megatron_model import init_single_process
     from joyai_megatron.rl import logprobs
     from joyai_megatron.rl.logprobs import token_entropy, token_logprobs
+    from joyai_megatron.training.checkpoint_model import init_single_process
 
     init_single_process()
     monkeypatch.setattr(logprobs, "ENTROPY_CHUNK", 3)  # 7 tokens: three slices
