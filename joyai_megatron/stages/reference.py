@@ -16,14 +16,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from joyai_megatron.model.build import build_joyai_model
-from joyai_megatron.stages.base import microbatch_indices
 from joyai_megatron.training import checkpoint as ckpt
+from joyai_megatron.training.stage import microbatch_indices
 
 REFERENCE_FORMAT = "joyai-dpo-reference-logps/1"
 ForwardStep = Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Callable]]
@@ -60,19 +59,8 @@ def build_frozen_copy(trainer: Any, checkpoint: str | os.PathLike) -> list[torch
         model.requires_grad_(False)
         model.eval()
         chunks.append(model)
-    load_weights(chunks, checkpoint)
+    ckpt.load_model_weights(chunks, ckpt.resolve_checkpoint(checkpoint))
     return chunks
-
-
-def load_weights(chunks: list[torch.nn.Module], checkpoint: str | os.PathLike) -> Path:
-    """Model tensors only (no optimizer, RNG or counters) from a checkpoint root or ``iter_*``."""
-    path = ckpt.resolve_checkpoint(checkpoint)
-    state = ckpt.model_sharded_state_dict(chunks)
-    loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for key, chunk in zip(keys, chunks, strict=True):
-        ckpt.unwrap(chunk).load_state_dict(loaded[key], strict=True)
-    return path
 
 
 def forward_only(

@@ -31,7 +31,6 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-from joyai_megatron.config.layout import LayoutError, validate_layout
 from joyai_megatron.config.recipe import save_resolved_recipe
 from joyai_megatron.config.schema import Recipe
 from joyai_megatron.model.build import build_joyai_model
@@ -42,13 +41,14 @@ from joyai_megatron.model.spec import require_transformer_engine
 from joyai_megatron.optim.batch_ramp import batch_size_at, batch_sizes, ramp_thresholds, schedule_string
 from joyai_megatron.optim.builder import build_optimizer
 from joyai_megatron.optim.schedule import build_scheduler, tokens_to_samples
-from joyai_megatron.stages.base import Stage
 from joyai_megatron.training import checkpoint as ckpt
 from joyai_megatron.training.checkpoint_scan import start_point
 from joyai_megatron.training.ddp import wrap_in_ddp
 from joyai_megatron.training.distributed import init_distributed, init_model_parallel, read_dist_env, set_seed
+from joyai_megatron.training.layout import LayoutError, validate_layout
 from joyai_megatron.training.metrics import MetricsLogger, interval_means
 from joyai_megatron.training.signals import ExitSignalHandler
+from joyai_megatron.training.stage import Stage
 
 
 def _output_requires_grad(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:

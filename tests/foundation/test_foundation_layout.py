@@ -9,9 +9,9 @@ import pytest
 import torch.distributed as dist
 from foundation_helpers import load_tiny
 
-from joyai_megatron.config.layout import LayoutError, validate_layout
 from joyai_megatron.model.presets import TINY
 from joyai_megatron.stages.pretrain import PretrainStage
+from joyai_megatron.training.layout import LayoutError, validate_layout
 from joyai_megatron.training.trainer import Trainer
 
 # (case, world size, overrides, fragments the message must contain).  TINY: 4 heads, 8 experts,

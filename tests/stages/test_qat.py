@@ -296,7 +296,7 @@ def test_qat_round_to_nearest_beats_ptq(qat_int4: Run) -> None:
 
 
 def test_compare_command_reproduces_the_stage(qat_int4: Run) -> None:
-    from joyai_megatron.quant.compare import compare_checkpoints
+    from joyai_megatron.stages.qat_compare import compare_checkpoints
 
     stage = json.loads((qat_int4.log_dir / "qat_compare.json").read_text())
     again = compare_checkpoints(str(qat_int4.checkpoint_dir))
