@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from convert_helpers import make_tiny_hf  # noqa: E402
+from tests.convert.convert_helpers import make_tiny_hf
 
 
 @pytest.fixture(scope="session")

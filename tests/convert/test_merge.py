@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_helpers import make_tiny_hf
 
 from joyai_megatron.cli import main as cli_main
 from joyai_megatron.convert.common import ConversionError
 from joyai_megatron.convert.dist_ckpt import DistCkptReader
 from joyai_megatron.convert.from_hf import import_from_hf
 from joyai_megatron.convert.merge import ema_weights, merge_checkpoints, parse_checkpoint_arg
+from tests.convert.convert_helpers import make_tiny_hf
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

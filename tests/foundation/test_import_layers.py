@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "joyai_megatron"
+from tests.joyai_helpers import REPO
+
+PACKAGE = REPO / "joyai_megatron"
 
 # Lowest first.  A module may import its own package and any package of a lower layer, nothing else.
 LAYERS: list[set[str]] = [

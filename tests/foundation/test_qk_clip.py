@@ -19,12 +19,12 @@ import os
 
 import pytest
 import torch
-from foundation_helpers import load_tiny
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 
 from joyai_megatron.stages.pretrain import PretrainStage
 from joyai_megatron.training.distributed import shutdown
 from joyai_megatron.training.trainer import Trainer
+from tests.foundation.foundation_helpers import load_tiny
 
 ALPHA = 0.3  # not 0.5, so the query and key shares of the clip differ
 

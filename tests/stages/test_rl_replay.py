@@ -11,7 +11,8 @@ import math
 
 import pytest
 import torch
-from rl_fixtures import train_rl, write_rl_recipe
+
+from tests.stages.rl_fixtures import train_rl, write_rl_recipe
 
 pytestmark = pytest.mark.slow
 

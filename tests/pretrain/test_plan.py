@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from foundation_helpers import REPO, load_tiny, run_cli
 
 from joyai_megatron import cli
 from joyai_megatron.config.recipe import load_recipe
@@ -19,6 +18,8 @@ from joyai_megatron.model.presets import PRESETS, TINY, arch_from_dict, recipe_a
 from joyai_megatron.training import plan
 from joyai_megatron.training.distributed import init_distributed
 from joyai_megatron.training.layout import validate_layout
+from tests.foundation.foundation_helpers import load_tiny
+from tests.joyai_helpers import REPO, run_cli
 
 STAGE1 = "recipes/pretrain/joyai_48b_a3b/stage1.yaml"
 STAGE3 = "recipes/pretrain/joyai_48b_a3b/stage3.yaml"

@@ -10,12 +10,12 @@ import re
 
 import pytest
 import torch
-from foundation_helpers import load_tiny
 
 from joyai_megatron.optim.builder import build_optimizer, parameter_split
 from joyai_megatron.stages.pretrain import PretrainStage
 from joyai_megatron.training.distributed import shutdown
 from joyai_megatron.training.trainer import Trainer
+from tests.foundation.foundation_helpers import load_tiny
 
 # Every trainable parameter belongs to exactly one of these groups.
 GROUPS = {

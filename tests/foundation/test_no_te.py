@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 
-from foundation_helpers import REPO
+from tests.joyai_helpers import REPO
 
 PROBE = r"""
 import json, sys, traceback

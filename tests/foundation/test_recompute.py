@@ -8,12 +8,12 @@ import os
 
 import pytest
 import torch
-from foundation_helpers import load_tiny
 
 from joyai_megatron.compat.no_te import apply_no_te_fallbacks
 from joyai_megatron.stages.pretrain import PretrainStage
 from joyai_megatron.training.distributed import shutdown
 from joyai_megatron.training.trainer import Trainer
+from tests.foundation.foundation_helpers import load_tiny
 
 SHIPPED_MODULES = "model.recompute_modules=[core_attn,mla_up_proj,moe_act,layernorm]"
 GROUPED = "model.moe_grouped_gemm=true"  # as the recipes (Megatron-Core: moe_act needs grouped experts)

@@ -8,13 +8,13 @@ import re
 from pathlib import Path
 
 import pytest
-from foundation_helpers import REPO, run_cli
 
 from joyai_megatron.compat import target
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.config.schema import PrecisionCfg
 from joyai_megatron.model.config import ConfigRejected, check_fp8_shapes, check_gpu_config, recipe_keys_in
 from joyai_megatron.model.presets import TINY, get_preset, recipe_arch
+from tests.joyai_helpers import REPO, run_cli
 
 SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.name != "base.yaml")
 

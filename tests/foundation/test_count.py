@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from foundation_helpers import run_cli
 
 from joyai_megatron.model.count import count_model, flops_per_token
 from joyai_megatron.model.presets import JOYAI_48B_A3B, PRESETS
 from joyai_megatron.training.distributed import init_distributed
+from tests.joyai_helpers import run_cli
 
 
 @pytest.fixture(scope="module")
