@@ -72,6 +72,12 @@ def scrubbed_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def leave_launcher_world() -> None:
+    """Drop :data:`DIST_VARS` from this process's environment: an in-process run is one rank."""
+    for key in [k for k in os.environ if k in DIST_VARS or k.startswith("TORCHELASTIC")]:
+        del os.environ[key]
+
+
 def clean_env() -> dict[str, str]:
     return scrubbed_env(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
