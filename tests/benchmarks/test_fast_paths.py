@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from joyai_megatron.config.schema import ModelCfg, ParallelCfg, PrecisionCfg
 from joyai_megatron.model.config import build_transformer_config
 from joyai_megatron.model.presets import get_preset
+from tests.joyai_helpers import packed_forward
 
 
 def tiny_config(**model: object):
@@ -234,15 +235,7 @@ def test_foreach_multi_tensor_ops_match_their_definitions() -> None:
 
 
 def _forward_backward(model: torch.nn.Module, packed) -> torch.Tensor:
-    out = model(
-        packed.tokens,
-        packed.position_ids,
-        None,
-        labels=packed.labels,
-        loss_mask=packed.loss_mask,
-        packed_seq_params=packed.packed_seq_params,
-    )
-    loss = out.sum()
+    loss = packed_forward(model, packed).sum()
     loss.backward()
     return loss.detach()
 
