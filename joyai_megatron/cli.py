@@ -49,9 +49,10 @@ def run_stage(stage: str, recipe_path: str, overrides: list[str]) -> dict:
 def _count(args: argparse.Namespace) -> int:
     from joyai_megatron.model.count import count_model
     from joyai_megatron.model.presets import get_preset
-    from joyai_megatron.training.distributed import shutdown
+    from joyai_megatron.training.distributed import init_distributed, shutdown
 
     try:
+        init_distributed()
         counts = count_model(get_preset(args.preset), seq_length=args.seq_length, mtp=not args.no_mtp)
     finally:
         shutdown()

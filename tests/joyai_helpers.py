@@ -1,4 +1,8 @@
-"""Test helpers: run the real entry points as users do (python -m / torchrun) on tiny recipes."""
+"""Helpers every test folder shares: the repository root, the tiny recipes, the environment a child
+process must not inherit, and the real entry points run as users run them (python -m / torchrun).
+
+Tests import them as ``tests.joyai_helpers`` (``tests/`` and its folders are packages; pytest puts
+the repository root on ``sys.path``)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BASE = REPO / "recipes" / "pretrain" / "tiny_cpu" / "base.yaml"
+SFT_RECIPE = REPO / "recipes" / "sft" / "tiny_cpu.yaml"
+DPO_RECIPE = REPO / "recipes" / "dpo" / "tiny_cpu.yaml"
+QAT_TINY = REPO / "recipes" / "qat" / "tiny_cpu.yaml"
+RL_TINY = REPO / "recipes" / "rl" / "tiny_cpu.yaml"
 
 
 def free_port() -> int:
@@ -50,13 +58,40 @@ def joyai_command(stage: str, recipe: Path, overrides: list[str], nproc: int = 1
     ]  # fmt: skip
 
 
-# Variables an in-process test's process group leaves behind; a child must not inherit them.
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+# A launcher's (torchrun, Slurm) or an in-process test's rank variables: a test that starts its own
+# world, or a child process, must not see them (plus every TORCHELASTIC_* variable).
+DIST_VARS = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+    "SLURM_PROCID", "SLURM_NTASKS",
+)  # fmt: skip
+
+
+def scrubbed_env(**extra: str) -> dict[str, str]:
+    """This environment without :data:`DIST_VARS`, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("TORCHELASTIC")}
+    return {**env, **extra}
+
+
+def leave_launcher_world() -> None:
+    """Drop :data:`DIST_VARS` from this process's environment: an in-process run is one rank."""
+    for key in [k for k in os.environ if k in DIST_VARS or k.startswith("TORCHELASTIC")]:
+        del os.environ[key]
 
 
 def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("TORCHELASTIC")}
-    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return scrubbed_env(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m joyai_megatron ARGS`` in a fresh interpreter, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "joyai_megatron", *args],
+        cwd=REPO,
+        env=scrubbed_env(PYTHONWARNINGS="ignore"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_joyai(
@@ -92,3 +127,16 @@ def kill_run(proc: subprocess.Popen) -> int:
 def read_metrics(log_dir: Path) -> list[dict]:
     path = log_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def packed_forward(model, packed):
+    """The model's per-token loss on a packed (THD) micro-batch: the call the pretraining stage
+    makes, without CP splitting or a padding mask."""
+    return model(
+        packed.tokens,
+        packed.position_ids,
+        None,
+        labels=packed.labels,
+        loss_mask=packed.loss_mask,
+        packed_seq_params=packed.packed_seq_params,
+    )

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-from joyai_megatron.convert.common import ConversionError
+from joyai_megatron.convert.common import ConversionError, copy_tokenizer_files
 from joyai_megatron.model.presets import ModelArch
 
 MODEL_TYPES = ("deepseek_v3", "joyai_llm_flash")
@@ -172,3 +173,18 @@ def arch_to_hf_config(
 
 def generation_config(arch: ModelArch) -> dict[str, Any]:
     return {"_from_model_config": True, "bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id}
+
+
+def write_tokenizer_files(tokenizer: str | os.PathLike | None, arch: ModelArch, out: Path) -> list[str]:
+    """The tokenizer's files and ``generation_config.json`` of an export; returns the names copied.
+
+    The tokenizer directory's own ``generation_config.json`` wins; without one the architecture's
+    (:func:`generation_config`) is written.
+    """
+    copied = copy_tokenizer_files(tokenizer, out)
+    src = Path(tokenizer or "") / "generation_config.json"
+    if tokenizer and src.is_file():
+        shutil.copy2(src, out / "generation_config.json")
+    else:
+        (out / "generation_config.json").write_text(json.dumps(generation_config(arch), indent=2) + "\n")
+    return copied

@@ -1,82 +1,12 @@
-"""Our Megatron model in one process (on the GPU when one is visible), loaded through Megatron's own loader.
+"""Logits and greedy continuations of our Megatron model on one process (MTP head included).
 
-Used by ``verify --logits`` and the conversion tests: the reference side of a logits comparison
-must not share code with the converter, so weights come in through
-``megatron.core.dist_checkpointing.load``, not through :mod:`joyai_megatron.convert.dist_ckpt`.
+Used by ``verify --logits``, ``quant.export --verify-logits``, ``eval`` and the conversion tests on
+a model that :mod:`joyai_megatron.training.checkpoint_model` rebuilt from a checkpoint.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
-
 import torch
-
-from joyai_megatron.config.schema import ModelCfg, ParallelCfg, PrecisionCfg
-from joyai_megatron.model.presets import ModelArch
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_single_process() -> None:
-    """A one-rank gloo world with Megatron's model-parallel state (TP=PP=EP=1)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from joyai_megatron import compat
-
-    if not dist.is_initialized():
-        # A private address: inherited MASTER_PORT (torchrun, Slurm, a parent test) may be taken.
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel()
-    compat.install()
-
-
-def build_megatron_model(
-    arch: ModelArch,
-    *,
-    backend: str = "local",
-    dtype: str = "fp32",
-    parallel: ParallelCfg | None = None,
-    mtp: bool = True,
-    pre_process: bool = True,
-    post_process: bool = True,
-    pp_rank: int | None = None,
-    seed: int = 1234,
-):
-    """Our GPTModel for ``arch`` (model-parallel state must already be initialised)."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from joyai_megatron.model.build import build_joyai_model
-    from joyai_megatron.model.config import build_transformer_config
-
-    config = build_transformer_config(
-        arch, ModelCfg(backend=backend, mtp_enabled=mtp), parallel or ParallelCfg(), PrecisionCfg(dtype=dtype)
-    )
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
-    model = build_joyai_model(
-        config, arch, backend, pre_process=pre_process, post_process=post_process, pp_rank=pp_rank
-    )
-    if torch.cuda.is_available():
-        # Megatron builds its linears on the GPU when one is visible, our norms on the host: one
-        # device for all (hide the GPUs with CUDA_VISIBLE_DEVICES= to hold the model in host memory).
-        model.cuda(torch.cuda.current_device())  # gpu-only
-    return model
-
-
-def load_megatron_checkpoint(model: torch.nn.Module, iteration_dir: str | os.PathLike) -> None:
-    """Load ``model``'s shard of a ``torch_dist`` checkpoint with Megatron's loader (resharding)."""
-    from megatron.core import dist_checkpointing
-
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(Path(iteration_dir)))
-    model.load_state_dict(state["model"], strict=True)
 
 
 @torch.no_grad()

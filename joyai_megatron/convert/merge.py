@@ -36,8 +36,8 @@ from joyai_megatron.convert.dist_ckpt import (
     DistCkptReader,
     write_dist_checkpoint,
 )
-from joyai_megatron.convert.to_hf import load_checkpoint_recipe
 from joyai_megatron.model.presets import recipe_arch
+from joyai_megatron.training.checkpoint_model import load_checkpoint_recipe
 from joyai_megatron.training.checkpoint_scan import seal
 
 

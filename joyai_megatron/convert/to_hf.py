@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,21 +17,19 @@ import torch
 from tqdm import tqdm
 
 from joyai_megatron.checksums import hash_directory
-from joyai_megatron.config.recipe import load_recipe
-from joyai_megatron.config.schema import Recipe
 from joyai_megatron.convert.common import (
     HF_DTYPE_NAMES,
     ConversionError,
     atomic_output_dir,
-    copy_tokenizer_files,
     parse_dtype,
 )
 from joyai_megatron.convert.dist_ckpt import DistCkptReader, resolve_iteration_dir
-from joyai_megatron.convert.hf_config import arch_to_hf_config, generation_config
+from joyai_megatron.convert.hf_config import arch_to_hf_config, write_tokenizer_files
 from joyai_megatron.convert.hf_io import PlannedTensor, write_hf_shards
 from joyai_megatron.convert.mapping import MappingTable, TensorMap, mapping_table
 from joyai_megatron.convert.plan import check_checkpoint, row_regions
 from joyai_megatron.model.presets import recipe_arch
+from joyai_megatron.training.checkpoint_model import load_checkpoint_recipe
 from joyai_megatron.training.checkpoint_scan import verify_directory
 
 # Rounding the router bias would change which experts are picked; transformers keeps it in fp32.
@@ -46,13 +43,6 @@ class ExportResult:
     bytes: int
     shards: int
     seconds: float
-
-
-def load_checkpoint_recipe(iter_dir: Path) -> Recipe:
-    for candidate in (iter_dir / "recipe.yaml", iter_dir.parent / "recipe.yaml"):
-        if candidate.is_file():
-            return load_recipe(candidate)
-    raise ConversionError(f"{iter_dir}: no recipe.yaml beside the checkpoint; the architecture is unknown")
 
 
 def _reader_fn(
@@ -132,12 +122,7 @@ def export_to_hf(
                 tmp, planned, max_shard_bytes=max_shard_bytes, threads=threads, on_write=bar.update
             )
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copied = copy_tokenizer_files(recipe.data.tokenizer, tmp)
-        gen_src = Path(recipe.data.tokenizer or "") / "generation_config.json"
-        if recipe.data.tokenizer and gen_src.is_file():
-            shutil.copy2(gen_src, tmp / "generation_config.json")
-        else:
-            (tmp / "generation_config.json").write_text(json.dumps(generation_config(arch), indent=2) + "\n")
+        copied = write_tokenizer_files(recipe.data.tokenizer, arch, tmp)
         if recipe.data.tokenizer and not copied:
             print(
                 f"to-hf: no tokenizer files found in data.tokenizer={recipe.data.tokenizer!r}; export has none"

@@ -27,8 +27,9 @@ from joyai_megatron.convert.hf_config import arch_from_hf_config, load_hf_config
 from joyai_megatron.convert.hf_io import HFCheckpoint
 from joyai_megatron.convert.mapping import MappingTable, TensorMap, mapping_table, megatron_to_hf
 from joyai_megatron.convert.plan import check_checkpoint, check_hf
-from joyai_megatron.convert.to_hf import KEEP_FP32, load_checkpoint_recipe
+from joyai_megatron.convert.to_hf import KEEP_FP32
 from joyai_megatron.model.presets import recipe_arch
+from joyai_megatron.training.checkpoint_model import load_checkpoint_recipe
 from joyai_megatron.training.checkpoint_scan import verify_directory
 
 
@@ -160,17 +161,13 @@ def compare_logits(
     from transformers import DeepseekV3ForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from joyai_megatron.convert.megatron_model import (
-        build_megatron_model,
-        init_single_process,
-        load_megatron_checkpoint,
-        megatron_greedy,
-        megatron_logits,
-    )
+    from joyai_megatron.convert.megatron_model import megatron_greedy, megatron_logits
+    from joyai_megatron.training.checkpoint import load_model_weights
+    from joyai_megatron.training.checkpoint_model import build_megatron_model, init_single_process
 
     init_single_process()
     model = build_megatron_model(table.arch, mtp=table.include_mtp)
-    load_megatron_checkpoint(model, iter_dir)
+    load_model_weights(model, iter_dir)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the MTP layer is "unexpected" to transformers, by design
     try:

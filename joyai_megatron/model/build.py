@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from joyai_megatron.compat.dispatch import use_sync_free_dispatch
@@ -44,3 +49,35 @@ def build_joyai_model(
     )
     use_sync_free_dispatch(model)
     return model
+
+
+def build_model_chunks(
+    config: TransformerConfig,
+    arch: ModelArch,
+    backend: str,
+    *,
+    vpp: int | None,
+    seq_length: int,
+    prepare: Callable[[GPTModel], None] | None = None,
+) -> list[torch.nn.Module]:
+    """This pipeline rank's chunks (one per virtual stage with ``vpp``), each on the GPU when one is
+    visible and in a ``Float16Module`` for BF16/FP16; no DDP.  ``prepare(model)`` runs on each bare
+    GPTModel before it is moved or wrapped (the trainer freezes parameters there)."""
+    chunks: list[torch.nn.Module] = []
+    for i in range(vpp or 1):
+        vp_stage = i if vpp else None
+        model = build_joyai_model(
+            config,
+            arch,
+            backend,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+            max_sequence_length=seq_length,
+        )
+        if prepare is not None:
+            prepare(model)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())  # gpu-only
+        chunks.append(Float16Module(config, model) if config.bf16 or config.fp16 else model)
+    return chunks

@@ -160,7 +160,7 @@ def build_transformer_config(
         expert_tensor_parallel_size=parallel.etp,
         context_parallel_size=parallel.cp,
         # MLA's q/k (192) and v (128) head dims: TE's CP attention takes them with p2p only
-        # (config/layout.py checks); the local backend all-gathers K/V whatever this says.
+        # (training/layout.py checks); the local backend all-gathers K/V whatever this says.
         cp_comm_type=parallel.cp_comm_type if parallel.cp > 1 else None,
         sequence_parallel=parallel.sequence_parallel,
         # CP pads every document to a multiple of 2*CP, so a micro-batch's token count varies:

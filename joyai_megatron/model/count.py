@@ -41,15 +41,20 @@ class ModelCounts:
 
 
 def build_on_meta(arch: ModelArch, model: ModelCfg | None = None) -> torch.nn.Module:
-    """The full model with no storage (seconds, even for 48B): needs a 1-rank process group."""
+    """The full model with no storage (seconds, even for 48B).
+
+    Needs an initialised 1-rank process group (the caller starts it, e.g. with
+    ``training.distributed.init_distributed``); Megatron's model-parallel state is set up if absent.
+    """
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     from joyai_megatron.compat.cpu import redirect_cuda_device
     from joyai_megatron.model.build import build_joyai_model
     from joyai_megatron.model.config import build_transformer_config
-    from joyai_megatron.training.distributed import init_distributed
 
-    init_distributed()
+    if not dist.is_initialized():
+        raise RuntimeError("build_on_meta needs an initialised process group (training.distributed.init_distributed)")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
     model = model or ModelCfg(backend="local")
@@ -108,6 +113,7 @@ def flops_per_token(arch: ModelArch, seq_length: int, mtp: bool = True) -> float
 
 
 def count_model(arch: ModelArch, seq_length: int = 4096, mtp: bool = True) -> ModelCounts:
+    """Counts measured on the model built on the meta device (an initialised 1-rank group needed)."""
     model_cfg = ModelCfg(backend="local", mtp_enabled=mtp)
     model = build_on_meta(arch, model_cfg)
     total = active = mtp_params = emb = out = 0

@@ -10,10 +10,13 @@
   QAT ``torch_dist`` checkpoint.
 * :mod:`~joyai_megatron.quant.compressed`: the compressed-tensors ``pack-quantized`` tensors and
   config, through the ``compressed-tensors`` package, with the QAT quantizer's integers and scales.
+* :mod:`~joyai_megatron.quant.qat_model`: a QAT checkpoint rebuilt on one process, quantizers and all
+  (what export and reload load).
 * :mod:`~joyai_megatron.quant.reload`: read an export back without ModelOpt (INT4/FP8 dequantized)
   and compare its logits in transformers with the fake-quantized checkpoint.
-* :mod:`~joyai_megatron.quant.compare`: ``python -m joyai_megatron.quant.compare`` (eval loss of
-  the unquantized, PTQ and QAT models).
+
+The comparison of eval losses (unquantized, PTQ, QAT) runs the ``qat`` stage's trainer, so it lives
+beside the stage: ``python -m joyai_megatron.stages.qat_compare``.
 
 See docs/qat.md.
 """

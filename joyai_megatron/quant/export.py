@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -48,76 +47,25 @@ from typing import Any
 
 import torch
 
-from joyai_megatron.config.schema import Recipe
 from joyai_megatron.convert.common import (
     HF_DTYPE_NAMES,
     ConversionError,
     atomic_output_dir,
-    copy_tokenizer_files,
     parse_dtype,
 )
-from joyai_megatron.convert.hf_config import arch_to_hf_config, generation_config
+from joyai_megatron.convert.hf_config import arch_to_hf_config, write_tokenizer_files
 from joyai_megatron.convert.hf_io import PlannedTensor, write_hf_shards
 from joyai_megatron.convert.mapping import MappingTable, TensorMap, mapping_table, megatron_to_hf
-from joyai_megatron.convert.to_hf import KEEP_FP32, load_checkpoint_recipe
+from joyai_megatron.convert.to_hf import KEEP_FP32
 from joyai_megatron.errors import run_cli
-from joyai_megatron.model.presets import ModelArch, recipe_arch
+from joyai_megatron.model.presets import ModelArch
 from joyai_megatron.quant import compressed
-from joyai_megatron.quant import modelopt_state as mos
+from joyai_megatron.quant.qat_model import QATModel, checkpoint_recipe, load_qat_model
 
 FORMATS = ("quantized", "dequantized", "compressed-tensors")
 # Formats that store packed integers and scales (the others write plain tensors only).
 PACKED_FORMATS = ("quantized", "compressed-tensors")
 HF_QUANT_CONFIG = "hf_quant_config.json"
-
-
-@dataclass
-class QATModel:
-    """A QAT checkpoint rebuilt on one process."""
-
-    model: torch.nn.Module
-    recipe: Recipe
-    arch: ModelArch
-    iteration_dir: Path
-
-
-def load_qat_model(checkpoint: str | os.PathLike, include_mtp: bool = True) -> QATModel:
-    """Rebuild the checkpoint's model with its quantizers and weights (single process)."""
-    from joyai_megatron.convert.dist_ckpt import resolve_iteration_dir
-    from joyai_megatron.convert.megatron_model import build_megatron_model, init_single_process
-
-    iteration_dir = resolve_iteration_dir(checkpoint)
-    if not mos.has_modelopt_state(iteration_dir):
-        raise ConversionError(
-            f"{iteration_dir} has no {mos.MODELOPT_STATE_DIR}/: not a QAT checkpoint "
-            "(export unquantized checkpoints with python -m joyai_megatron.convert to-hf)"
-        )
-    recipe = load_checkpoint_recipe(iteration_dir)
-    arch = recipe_arch(recipe)
-    init_single_process()
-    model = build_megatron_model(
-        arch,
-        backend=recipe.model.backend,
-        dtype=recipe.precision.dtype,
-        mtp=arch.mtp_num_layers > 0,
-        seed=recipe.train.seed,
-    )
-    mos.restore_state(model, iteration_dir)
-    load_weights(model, iteration_dir)
-    if not include_mtp:
-        arch = arch.replace(mtp_num_layers=0)
-    return QATModel(model.eval(), recipe, arch, iteration_dir)
-
-
-def load_weights(model: torch.nn.Module, iteration_dir: Path) -> None:
-    """Model tensors (and calibrated amax) only; optimizer and RNG entries stay on disk."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    state = dist_checkpointing.load(
-        {"model": model.sharded_state_dict()}, str(iteration_dir), strict=StrictHandling.ASSUME_OK_UNEXPECTED
-    )
-    model.load_state_dict(state["model"], strict=True)
 
 
 @torch.no_grad()
@@ -412,7 +360,7 @@ def export_qat_to_hf(
             (tmp / HF_QUANT_CONFIG).write_text(json.dumps(quant_config, indent=2) + "\n")
         if ct_config is not None:
             compressed.write_quantization_config(tmp, ct_config)
-        _write_tokenizer(loaded, tmp)
+        write_tokenizer_files(loaded.recipe.data.tokenizer, loaded.arch, tmp)
     return QATExportResult(
         output=Path(output).resolve(),
         tensors=len(planned),
@@ -429,25 +377,6 @@ def _algo(quant_config: dict[str, Any] | None, ct_config: Any) -> str | None:
     if ct_config is not None:
         return f"{ct_config.format}, int4 group {ct_config.config_groups['group_0'].weights.group_size}"
     return None
-
-
-def checkpoint_recipe(checkpoint: str | os.PathLike) -> Recipe:
-    """The recipe saved beside a checkpoint, read without building anything."""
-    from joyai_megatron.convert.dist_ckpt import resolve_iteration_dir
-
-    return load_checkpoint_recipe(resolve_iteration_dir(checkpoint))
-
-
-def _write_tokenizer(loaded: QATModel, out: Path) -> None:
-    tokenizer = loaded.recipe.data.tokenizer
-    copy_tokenizer_files(tokenizer, out)
-    src = Path(tokenizer or "") / "generation_config.json"
-    if tokenizer and src.is_file():
-        shutil.copy2(src, out / "generation_config.json")
-    else:
-        (out / "generation_config.json").write_text(
-            json.dumps(generation_config(loaded.arch), indent=2) + "\n"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:

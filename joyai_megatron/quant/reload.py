@@ -104,7 +104,7 @@ def compare_logits(
 
     from joyai_megatron.convert.megatron_model import megatron_logits
     from joyai_megatron.quant import modelopt_state as mos
-    from joyai_megatron.quant.export import load_qat_model
+    from joyai_megatron.quant.qat_model import load_qat_model
 
     loaded = load_qat_model(checkpoint)
     inputs = [q for _, q in mos.enabled_quantizers(loaded.model, "input")]

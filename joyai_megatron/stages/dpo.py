@@ -26,7 +26,6 @@ from megatron.core import parallel_state
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
-from joyai_megatron.stages.base import Stage
 from joyai_megatron.stages.logprobs import forward_token_nll, segment_logps
 from joyai_megatron.stages.reference import (
     build_frozen_copy,
@@ -39,6 +38,7 @@ from joyai_megatron.stages.sampling import ShuffledBlend
 from joyai_megatron.training import checkpoint as ckpt
 from joyai_megatron.training.distributed import current_device
 from joyai_megatron.training.packing import PackedBatch, pack_batch, split_for_context_parallel
+from joyai_megatron.training.stage import Stage
 
 LOSS_TYPES = ("sigmoid", "ipo")
 REFERENCE_MODES = ("live", "precomputed")

@@ -12,10 +12,10 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from joyai_megatron.model.presets import recipe_arch
-from joyai_megatron.stages.base import Stage
 from joyai_megatron.stages.logprobs import stage_padding_mask
 from joyai_megatron.training.distributed import current_device
 from joyai_megatron.training.packing import PackedBatch, pack_batch, split_for_context_parallel
+from joyai_megatron.training.stage import Stage
 from joyai_megatron.training.tokenizer import HFTokenizer
 
 

@@ -14,7 +14,7 @@ import torch
 
 from joyai_megatron.config.schema import Recipe
 from joyai_megatron.quant.trainer import QATTrainer
-from joyai_megatron.stages.base import Stage
+from joyai_megatron.training.stage import Stage
 
 
 def data_stage_class(data: str) -> type[Stage]:

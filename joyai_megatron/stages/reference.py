@@ -16,14 +16,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
 
-from joyai_megatron.model.build import build_joyai_model
-from joyai_megatron.stages.base import microbatch_indices
+from joyai_megatron.model.build import build_model_chunks
 from joyai_megatron.training import checkpoint as ckpt
+from joyai_megatron.training.stage import microbatch_indices
 
 REFERENCE_FORMAT = "joyai-dpo-reference-logps/1"
 ForwardStep = Callable[[Any, torch.nn.Module], tuple[torch.Tensor, Callable]]
@@ -40,39 +38,18 @@ def build_frozen_copy(trainer: Any, checkpoint: str | os.PathLike) -> list[torch
     config.perform_initialization = False
     for hook in ("no_sync_func", "param_sync_func", "finalize_model_grads_func", "grad_scale_func"):
         setattr(config, hook, None)
-    vpp = trainer.layout.vpp
-    chunks = []
-    for i in range(vpp or 1):
-        vp_stage = i if vpp else None
-        model = build_joyai_model(
-            config,
-            trainer.arch,
-            trainer.recipe.model.backend,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            vp_stage=vp_stage,
-            max_sequence_length=trainer.recipe.train.seq_length,
-        )
-        if torch.cuda.is_available():
-            model.cuda(torch.cuda.current_device())  # gpu-only
-        if config.bf16 or config.fp16:
-            model = Float16Module(config, model)
+    chunks = build_model_chunks(
+        config,
+        trainer.arch,
+        trainer.recipe.model.backend,
+        vpp=trainer.layout.vpp,
+        seq_length=trainer.recipe.train.seq_length,
+    )
+    for model in chunks:
         model.requires_grad_(False)
         model.eval()
-        chunks.append(model)
-    load_weights(chunks, checkpoint)
+    ckpt.load_model_weights(chunks, ckpt.resolve_checkpoint(checkpoint))
     return chunks
-
-
-def load_weights(chunks: list[torch.nn.Module], checkpoint: str | os.PathLike) -> Path:
-    """Model tensors only (no optimizer, RNG or counters) from a checkpoint root or ``iter_*``."""
-    path = ckpt.resolve_checkpoint(checkpoint)
-    state = ckpt.model_sharded_state_dict(chunks)
-    loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for key, chunk in zip(keys, chunks, strict=True):
-        ckpt.unwrap(chunk).load_state_dict(loaded[key], strict=True)
-    return path
 
 
 def forward_only(

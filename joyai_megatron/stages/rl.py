@@ -31,9 +31,9 @@ from joyai_megatron.rl.rollout_state import estimate_pass_rates, load_side_state
 from joyai_megatron.rl.rollouts import RolloutManager
 from joyai_megatron.rl.step_metrics import StepMetrics
 from joyai_megatron.rl.trainer import RLTrainer
-from joyai_megatron.stages.base import Stage
 from joyai_megatron.training.distributed import current_device
 from joyai_megatron.training.packing import pack_batch
+from joyai_megatron.training.stage import Stage
 from joyai_megatron.training.tokenizer import HFTokenizer
 
 # Loss metrics that are means over tokens (the rest are over sequences); maxima are peaks.

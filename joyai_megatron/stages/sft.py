@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from joyai_megatron.stages.base import Stage
 from joyai_megatron.stages.pretrain import check_vocab, forward_packed
 from joyai_megatron.stages.sampling import ShuffledBlend
 from joyai_megatron.training import checkpoint as ckpt
 from joyai_megatron.training.packing import pack_batch
+from joyai_megatron.training.stage import Stage
 from joyai_megatron.training.tokenizer import HFTokenizer
 
 ROW_KEYS = ("tokens", "labels", "loss_mask", "position_ids")

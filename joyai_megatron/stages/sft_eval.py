@@ -109,22 +109,11 @@ def exact_match(
 
 def load_checkpoint_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Any]:
     """The checkpoint's model (fp32, ``local`` backend) on this process, and its saved recipe."""
-    from joyai_megatron.convert.megatron_model import (
-        build_megatron_model,
-        init_single_process,
-        load_megatron_checkpoint,
-    )
-    from joyai_megatron.convert.to_hf import load_checkpoint_recipe
-    from joyai_megatron.model.presets import recipe_arch
     from joyai_megatron.training.checkpoint import resolve_checkpoint
+    from joyai_megatron.training.checkpoint_model import rebuild_model
 
-    path = resolve_checkpoint(checkpoint)
-    recipe = load_checkpoint_recipe(path)
-    init_single_process()
-    arch = recipe_arch(recipe)
-    model = build_megatron_model(arch, mtp=bool(arch.mtp_num_layers))
-    load_megatron_checkpoint(model, path)
-    return model.eval(), recipe
+    loaded = rebuild_model(resolve_checkpoint(checkpoint))
+    return loaded.model, loaded.recipe
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,6 +123,21 @@ def model_sharded_state_dict(model: list) -> dict[str, Any]:
     return {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
 
 
+def load_model_weights(model: torch.nn.Module | list[torch.nn.Module], path: str | os.PathLike) -> None:
+    """Model tensors only (no optimizer, RNG or counters) from one complete ``iter_*`` directory.
+
+    ``model``: one module or the chunks of a pipeline rank (wrappers allowed); every one of their
+    tensors must be in the checkpoint (strict), which may hold more (optimizer, RNG, counters).
+    """
+    chunks = model if isinstance(model, list) else [model]
+    loaded = dist_checkpointing.load(
+        model_sharded_state_dict(chunks), str(Path(path)), strict=StrictHandling.ASSUME_OK_UNEXPECTED
+    )
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for key, chunk in zip(keys, chunks, strict=True):
+        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+
+
 def _full_sharded_state_dict(
     model: list, optimizer: Any, scheduler: Any, is_loading: bool, with_optim: bool
 ) -> dict:

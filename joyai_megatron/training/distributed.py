@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from joyai_megatron import compat
-from joyai_megatron.config.layout import Layout
+from joyai_megatron.training.layout import Layout
 
 
 @dataclass(frozen=True)

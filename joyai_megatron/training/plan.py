@@ -15,12 +15,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from joyai_megatron.config.layout import Layout, LayoutError, validate_layout
 from joyai_megatron.config.recipe import RecipeError, load_recipe
 from joyai_megatron.config.schema import Recipe
 from joyai_megatron.model.config import check_gpu_config
 from joyai_megatron.model.count import flops_per_token
 from joyai_megatron.model.presets import ModelArch, recipe_arch
+from joyai_megatron.training.layout import Layout, LayoutError, validate_layout
 
 GB = 1e9
 # Memory no tensor of ours may use: CUDA context, NCCL and cuBLAS/TE workspaces (fixed part) and

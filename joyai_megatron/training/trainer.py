@@ -32,10 +32,9 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-from joyai_megatron.config.layout import LayoutError, validate_layout
 from joyai_megatron.config.recipe import save_resolved_recipe
 from joyai_megatron.config.schema import Recipe
-from joyai_megatron.model.build import build_joyai_model
+from joyai_megatron.model.build import build_model_chunks
 from joyai_megatron.model.config import build_transformer_config
 from joyai_megatron.model.count import flops_per_token
 from joyai_megatron.model.presets import recipe_arch
@@ -43,13 +42,14 @@ from joyai_megatron.model.spec import require_transformer_engine
 from joyai_megatron.optim.batch_ramp import batch_size_at, batch_sizes, ramp_thresholds, schedule_string
 from joyai_megatron.optim.builder import build_optimizer
 from joyai_megatron.optim.schedule import build_scheduler, tokens_to_samples
-from joyai_megatron.stages.base import Stage
 from joyai_megatron.training import checkpoint as ckpt
 from joyai_megatron.training.checkpoint_scan import start_point
 from joyai_megatron.training.ddp import wrap_in_ddp
 from joyai_megatron.training.distributed import init_distributed, init_model_parallel, read_dist_env, set_seed
+from joyai_megatron.training.layout import LayoutError, validate_layout
 from joyai_megatron.training.metrics import MetricsLogger, interval_means
 from joyai_megatron.training.signals import ExitSignalHandler
+from joyai_megatron.training.stage import Stage
 
 
 def _output_requires_grad(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -130,19 +130,7 @@ class Trainer:
         return iters, samples
 
     def _build_model(self) -> list[torch.nn.Module]:
-        chunks = []
-        vpp = self.layout.vpp or 1
-        for i in range(vpp):
-            vp_stage = i if self.layout.vpp else None
-            model = build_joyai_model(
-                self.config,
-                self.arch,
-                self.recipe.model.backend,
-                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                vp_stage=vp_stage,
-                max_sequence_length=self.recipe.train.seq_length,
-            )
+        def freeze(model: torch.nn.Module) -> None:
             for name, param in model.named_parameters():
                 if any(part in name for part in self.stage_class.frozen_parameters):
                     param.requires_grad_(False)  # before DDP: no grad buffer, no optimizer state
@@ -153,11 +141,15 @@ class Trainer:
                 # its parameters silently get no gradient at all.  The MTP block embeds through the
                 # same module.
                 embedding.register_forward_hook(_output_requires_grad)
-            if torch.cuda.is_available():
-                model.cuda(torch.cuda.current_device())  # gpu-only
-            if self.config.bf16 or self.config.fp16:
-                model = Float16Module(self.config, model)
-            chunks.append(model)
+
+        chunks = build_model_chunks(
+            self.config,
+            self.arch,
+            self.recipe.model.backend,
+            vpp=self.layout.vpp,
+            seq_length=self.recipe.train.seq_length,
+            prepare=freeze,
+        )
         chunks = wrap_in_ddp(
             chunks,
             self.config,

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from joyai_megatron.rl.rewards.sandbox import bubblewrap_available
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.joyai_helpers import REPO
 
 
 @pytest.mark.skipif(not bubblewrap_available(), reason="no isolation mechanism: bubblewrap unusable here")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from joyai_megatron.config.schema import ModelCfg, ParallelCfg, PrecisionCfg
 from joyai_megatron.model.config import build_transformer_config
 from joyai_megatron.model.presets import get_preset
+from tests.joyai_helpers import packed_forward
 
 
 def tiny_config(**model: object):
@@ -95,17 +96,7 @@ def test_grouped_model_equals_sequential_model(one_rank) -> None:
     packed = pack_batch(tokens, tokens.roll(-1, dims=1), torch.ones(2, 32), positions)
     losses = []
     for model in (sequential, grouped):
-        out = model(
-            packed.tokens,
-            packed.position_ids,
-            None,
-            labels=packed.labels,
-            loss_mask=packed.loss_mask,
-            packed_seq_params=packed.packed_seq_params,
-        )
-        loss = out.sum()
-        loss.backward()
-        losses.append(loss.detach())
+        losses.append(_forward_backward(model, packed))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-5)
     grads = dict(grouped.named_parameters())
     for name, p in sequential.named_parameters():
@@ -244,15 +235,7 @@ def test_foreach_multi_tensor_ops_match_their_definitions() -> None:
 
 
 def _forward_backward(model: torch.nn.Module, packed) -> torch.Tensor:
-    out = model(
-        packed.tokens,
-        packed.position_ids,
-        None,
-        labels=packed.labels,
-        loss_mask=packed.loss_mask,
-        packed_seq_params=packed.packed_seq_params,
-    )
-    loss = out.sum()
+    loss = packed_forward(model, packed).sum()
     loss.backward()
     return loss.detach()
 

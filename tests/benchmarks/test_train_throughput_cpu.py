@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.joyai_helpers import REPO
 
 
 @pytest.mark.slow

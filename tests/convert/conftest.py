@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from convert_helpers import make_tiny_hf  # noqa: E402
+from tests.convert.convert_helpers import make_tiny_hf
 
 
 @pytest.fixture(scope="session")
@@ -43,18 +40,18 @@ def tiny_export(work: Path, tiny_ckpt: Path) -> Path:
 @pytest.fixture(scope="session")
 def megatron_model(tiny_ckpt: Path):
     """Our Megatron GPTModel (local backend, fp32) loaded by Megatron's own checkpoint loader."""
-    from joyai_megatron.convert.megatron_model import (
+    from joyai_megatron.model.presets import recipe_arch
+    from joyai_megatron.training.checkpoint import load_model_weights
+    from joyai_megatron.training.checkpoint_model import (
         build_megatron_model,
         init_single_process,
-        load_megatron_checkpoint,
+        load_checkpoint_recipe,
     )
-    from joyai_megatron.convert.to_hf import load_checkpoint_recipe
-    from joyai_megatron.model.presets import recipe_arch
 
     init_single_process()
     arch = recipe_arch(load_checkpoint_recipe(tiny_ckpt / "iter_0000000"))
     model = build_megatron_model(arch)
-    load_megatron_checkpoint(model, tiny_ckpt / "iter_0000000")
+    load_model_weights(model, tiny_ckpt / "iter_0000000")
     return model.eval(), arch
 
 

@@ -25,11 +25,12 @@ def run_layout(name: str, tp: int, pp: int, ep: int, etp: int, src: Path, out: P
     from joyai_megatron.compat import cuda_device_as_cpu
     from joyai_megatron.config.schema import ModelCfg, ParallelCfg, PrecisionCfg
     from joyai_megatron.convert.live import hf_named_tensors
-    from joyai_megatron.convert.megatron_model import load_megatron_checkpoint, megatron_logits
-    from joyai_megatron.convert.to_hf import load_checkpoint_recipe
+    from joyai_megatron.convert.megatron_model import megatron_logits
     from joyai_megatron.model.build import build_joyai_model
     from joyai_megatron.model.config import build_transformer_config
     from joyai_megatron.model.presets import recipe_arch
+    from joyai_megatron.training.checkpoint import load_model_weights
+    from joyai_megatron.training.checkpoint_model import load_checkpoint_recipe
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -51,7 +52,7 @@ def run_layout(name: str, tp: int, pp: int, ep: int, etp: int, src: Path, out: P
         post_process=pp_rank == pp - 1,
         pp_rank=pp_rank,
     )
-    load_megatron_checkpoint(model, src)
+    load_model_weights(model, src)
     result: dict = {"layout": name, "rank": rank}
     if tp == 1:
         live = {n: t.clone() for n, t in hf_named_tensors(model, arch)}

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from convert_helpers import make_tiny_hf
 
 from joyai_megatron.convert import ConversionError
 from joyai_megatron.convert.from_hf import import_from_hf
 from joyai_megatron.convert.to_hf import export_to_hf
+from tests.convert.convert_helpers import make_tiny_hf
 
 # config.json edit -> the first offending tensor (model order) and both shapes in the message.
 HF_MISMATCHES = {

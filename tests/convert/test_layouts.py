@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_helpers import assert_same_tensors, hf_tensors
 
 from joyai_megatron.convert.to_hf import export_to_hf
 from joyai_megatron.convert.verify import verify
+from tests.convert.convert_helpers import assert_same_tensors, hf_tensors
 
 LAYOUTS = {"tp2_ep2": "2,1,2,1", "pp2": "1,2,1,1", "tp2_etp2": "2,1,1,2"}  # tp,pp,ep,etp
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from convert_helpers import hf_tensors, tiny_config
 
 from joyai_megatron.convert.live import hf_named_tensors
 from joyai_megatron.convert.megatron_model import megatron_greedy, megatron_logits
+from tests.convert.convert_helpers import hf_tensors, tiny_config
 
 IDS = torch.randint(2, 512, (2, 24), generator=torch.Generator().manual_seed(1234))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from convert_helpers import TINY_HF_CONFIG, hf_tensors, tiny_config
 
 from joyai_megatron.convert import (
     ConversionError,
@@ -16,6 +15,7 @@ from joyai_megatron.convert import (
 from joyai_megatron.convert.hf_config import arch_from_hf_config, arch_to_hf_config
 from joyai_megatron.convert.live import canonical_named_tensors
 from joyai_megatron.convert.mapping import mapping_table
+from tests.convert.convert_helpers import TINY_HF_CONFIG, hf_tensors, tiny_config
 
 
 def test_hf_side_is_exactly_transformers_names_plus_mtp(tiny_hf):

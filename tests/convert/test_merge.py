@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_helpers import make_tiny_hf
 
 from joyai_megatron.cli import main as cli_main
 from joyai_megatron.convert.common import ConversionError
 from joyai_megatron.convert.dist_ckpt import DistCkptReader
 from joyai_megatron.convert.from_hf import import_from_hf
 from joyai_megatron.convert.merge import ema_weights, merge_checkpoints, parse_checkpoint_arg
+from tests.convert.convert_helpers import make_tiny_hf
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -40,10 +40,10 @@ def test_one_checkpoint_weight_one_is_bitwise(work: Path, tiny_ckpt: Path, megat
     for key, value in src.items():
         assert merged[key].dtype == value.dtype and torch.equal(merged[key], value), key
     # Megatron's own loader takes it (strict: every model tensor and _extra_state is there).
-    from joyai_megatron.convert.megatron_model import load_megatron_checkpoint
+    from joyai_megatron.training.checkpoint import load_model_weights
 
     model, _ = megatron_model
-    load_megatron_checkpoint(model, out / "iter_0000000")
+    load_model_weights(model, out / "iter_0000000")
 
 
 def test_two_checkpoints_are_a_x_plus_b_y(work: Path, tiny_ckpt: Path, other_ckpt: Path) -> None:

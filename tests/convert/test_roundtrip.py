@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from convert_helpers import assert_same_tensors, hf_tensors, make_tiny_hf, save_with_megatron
 
 from joyai_megatron.convert.dist_ckpt import DistCkptReader
 from joyai_megatron.convert.from_hf import import_from_hf
 from joyai_megatron.convert.to_hf import export_to_hf
+from tests.convert.convert_helpers import assert_same_tensors, hf_tensors, make_tiny_hf, save_with_megatron
 
 
 def _config(path):

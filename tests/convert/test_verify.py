@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_helpers import hf_tensors
 from safetensors.torch import load_file, save_file
 
 from joyai_megatron.checksums import MANIFEST
@@ -19,10 +18,11 @@ from joyai_megatron.convert import ConversionError
 from joyai_megatron.convert.dist_ckpt import DistCkptReader, TensorInfo
 from joyai_megatron.convert.hf_io import HFCheckpoint
 from joyai_megatron.convert.mapping import mapping_table
-from joyai_megatron.convert.to_hf import load_checkpoint_recipe
 from joyai_megatron.convert.verify import check_coverage, verify
 from joyai_megatron.model.presets import recipe_arch
+from joyai_megatron.training.checkpoint_model import load_checkpoint_recipe
 from joyai_megatron.training.checkpoint_scan import CheckpointError
+from tests.convert.convert_helpers import hf_tensors
 
 
 @pytest.fixture()

@@ -1,14 +1,11 @@
-"""Helpers shared by the foundation and pretraining tests: paths, the CLI, the tiny mock recipe."""
+"""Helpers shared by the foundation and pretraining tests: the tiny recipe on Megatron's mock data
+(paths and the CLI runner: tests/joyai_helpers.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_BASE = REPO / "recipes" / "pretrain" / "tiny_cpu" / "base.yaml"
+from tests.joyai_helpers import TINY_BASE
 
 # Megatron's MockGPTDataset instead of the demo corpus: no tokenizer or data_prep run needed.
 MOCK_DATA = [
@@ -18,21 +15,6 @@ MOCK_DATA = [
     "train.eval_interval=0",
     "logging.tensorboard=false",
 ]
-
-
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m joyai_megatron ARGS`` in a fresh interpreter, from the repository root."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        env.pop(key, None)
-    return subprocess.run(
-        [sys.executable, "-m", "joyai_megatron", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def tiny_overrides(root: Path, *extra: str) -> list[str]:

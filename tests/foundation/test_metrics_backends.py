@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from foundation_helpers import load_tiny
 
 from joyai_megatron.training.metrics import MetricsLogger
+from tests.foundation.foundation_helpers import load_tiny
 
 STEPS = {
     1: {"loss": 9.5, "lm_loss": 9.0, "mtp_loss": 5.0, "lr": 1e-4, "grad_norm": 0.75, "moe/bias max": 0.01},

@@ -15,16 +15,16 @@ above every S_h no weight changes at all.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-from foundation_helpers import load_tiny
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 
 from joyai_megatron.stages.pretrain import PretrainStage
 from joyai_megatron.training.distributed import shutdown
 from joyai_megatron.training.trainer import Trainer
+from tests.foundation.foundation_helpers import load_tiny
+from tests.joyai_helpers import leave_launcher_world
 
 ALPHA = 0.3  # not 0.5, so the query and key shares of the clip differ
 
@@ -32,8 +32,7 @@ ALPHA = 0.3  # not 0.5, so the query and key shares of the clip differ
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory: pytest.TempPathFactory):
     """A tiny trainer with qk-clip after one real train step (the trainer's own clip call)."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        os.environ.pop(key, None)
+    leave_launcher_world()
     shutdown()
     recipe = load_tiny(tmp_path_factory.mktemp("qk_clip"), "model.qk_clip=true", "train.train_iters=1")
     trainer = Trainer(recipe, PretrainStage)

@@ -22,10 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(TESTS)]
-
-from joyai_helpers import REPO, clean_env, free_port, run_joyai, write_mock_recipe  # noqa: E402
+from tests.joyai_helpers import REPO, clean_env, free_port, run_joyai, write_mock_recipe
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,7 +32,7 @@ pytestmark = [
     ),
 ]
 
-WORKER = TESTS / "parallel" / "cp_worker.py"
+WORKER = REPO / "tests" / "parallel" / "cp_worker.py"
 # The tiny model with JoyAI's MLA head dims (TE's CP attention takes q/k 192 vs v 128 only with p2p).
 ARCH = {"vocab_size": 512, "qk_head_dim": 128, "qk_pos_emb_head_dim": 64, "v_head_dim": 128}
 TE = {"backend": "te", "arch": ARCH}

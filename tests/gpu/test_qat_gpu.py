@@ -23,11 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(TESTS), str(TESTS / "stages")]
-
-from joyai_helpers import REPO, clean_env, joyai_command, read_metrics  # noqa: E402
-from qat_fixtures import memorization_overrides, write_memorization_corpus  # noqa: E402
+from tests.joyai_helpers import REPO, clean_env, joyai_command, read_metrics
+from tests.stages.qat_fixtures import memorization_overrides, write_memorization_corpus
 
 PRETRAIN_48B = REPO / "recipes" / "pretrain" / "joyai_48b_a3b" / "base.yaml"
 QAT_48B = REPO / "recipes" / "qat" / "joyai_48b_a3b_int4.yaml"

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.joyai_helpers import REPO
+
 GPU_RECIPES = sorted(
     str(p.relative_to(REPO))
     for p in (REPO / "recipes").rglob("*.yaml")

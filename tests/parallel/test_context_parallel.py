@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from joyai_helpers import REPO, clean_env, free_port, read_metrics, run_joyai, write_mock_recipe
 
 from joyai_megatron.training.checkpoint import TRACKER
+from tests.joyai_helpers import REPO, clean_env, free_port, read_metrics, run_joyai, write_mock_recipe
 
 WORKER = Path(__file__).with_name("cp_worker.py")
 ARCH = {"vocab_size": 512}  # small head: attention and MoE activations dominate the memory check

@@ -17,7 +17,8 @@ squared norms are identical, the totals differ by 2.5e-5 relative).
 from __future__ import annotations
 
 import pytest
-from joyai_helpers import read_metrics, run_joyai, write_mock_recipe
+
+from tests.joyai_helpers import read_metrics, run_joyai, write_mock_recipe
 
 STEPS = 3
 PRODUCTION = [

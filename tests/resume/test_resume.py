@@ -1,5 +1,5 @@
 """Checkpoint/resume: bitwise-equal continuation, SIGTERM save-and-exit, kills during saves, async
-saves.  Resuming on another layout, with the optimizer state: test_resume_layouts.py."""
+saves.  Resuming on another layout, with the optimizer state: test_layouts.py."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from joyai_helpers import kill_run, read_metrics, run_joyai, start_joyai, write_mock_recipe
 
 from joyai_megatron.training.checkpoint import latest_iteration
+from tests.joyai_helpers import kill_run, read_metrics, run_joyai, start_joyai, write_mock_recipe
 
 N = 4
 

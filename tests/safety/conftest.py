@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from fault_helpers import SECTIONS, Run  # noqa: E402
-from joyai_helpers import run_joyai, write_mock_recipe  # noqa: E402
+from tests.joyai_helpers import run_joyai, write_mock_recipe
+from tests.safety.fault_helpers import SECTIONS, Run
 
 
 @pytest.fixture(scope="session")

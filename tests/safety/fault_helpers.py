@@ -6,7 +6,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from joyai_helpers import write_mock_recipe
+from tests.joyai_helpers import write_mock_recipe
 
 # The recipe every copy runs with: ZeRO-1 so checksums cover a multi-rank distributed-optimizer
 # save; a checkpoint per step so a previous complete one exists to fall back to.

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from fault_helpers import Run, assert_one_line_error, flip_bit, truncate
-from joyai_helpers import REPO, clean_env, joyai_command, kill_run, run_joyai, start_joyai, write_mock_recipe
 
 from joyai_megatron.checksums import MANIFEST, read_manifest
 from joyai_megatron.convert.dist_ckpt import resolve_iteration_dir
@@ -25,6 +23,16 @@ from joyai_megatron.training.checkpoint_scan import (
     start_point,
     verify_directory,
 )
+from tests.joyai_helpers import (
+    REPO,
+    clean_env,
+    joyai_command,
+    kill_run,
+    run_joyai,
+    start_joyai,
+    write_mock_recipe,
+)
+from tests.safety.fault_helpers import Run, assert_one_line_error, flip_bit, truncate
 
 
 def test_zero1_multi_rank_save_has_checksums_for_every_file(trained: Run) -> None:

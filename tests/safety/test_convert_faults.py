@@ -6,11 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fault_helpers import Run, assert_one_line_error, flip_bit, truncate
 
 from joyai_megatron.checksums import MANIFEST
 from joyai_megatron.convert.__main__ import main as convert
 from joyai_megatron.convert.common import OUTPUT_MARKER
+from tests.safety.fault_helpers import Run, assert_one_line_error, flip_bit, truncate
 
 
 def _convert(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:

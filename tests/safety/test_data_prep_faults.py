@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from fault_helpers import assert_one_line_error
 
 from data_prep import indexed
 from data_prep.cli import main as data_prep
+from tests.safety.fault_helpers import assert_one_line_error
 
 DOCS = [json.dumps({"text": f"document number {i} about checkpoints and disks"}) + "\n" for i in range(400)]
 

@@ -6,7 +6,8 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from slurmci import SETUP_SCRIPT, SlurmCluster
+
+from tests.slurm.slurmci import SETUP_SCRIPT, SlurmCluster
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,12 @@ SFT run (the demo's recipe) whose checkpoint the DPO tests start from."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from stage_helpers import SFT_RECIPE, TINY_BASE, Run, data_overrides, run_stage, sft_overrides  # noqa: E402
+from tests.joyai_helpers import SFT_RECIPE, TINY_BASE
+from tests.stages.stage_helpers import Run, data_overrides, run_stage, sft_overrides
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +55,7 @@ def sft_run(stages_root: Path, demo_data: Path, pretrain_run: Run) -> Run:
 @pytest.fixture(scope="module")
 def rl_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The tiny RL task's tokenizer and prompts (test_rl.py, test_rl_replay.py)."""
-    from rl_fixtures import rl_test_data
+    from tests.stages.rl_fixtures import rl_test_data
 
     return rl_test_data(tmp_path_factory.mktemp("rl_data"))
 

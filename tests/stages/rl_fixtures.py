@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.joyai_helpers import REPO, RL_TINY
 
 PROBLEMS = [
     ("Mia has 3 apples and finds 4 more. How many apples does Mia have now?", "7"),
@@ -49,7 +49,7 @@ def build_rl_data(root: Path) -> tuple[Path, Path]:
 def write_rl_recipe(directory: Path, tokenizer: Path, prompts: Path, **sections: dict) -> Path:
     """The tiny RL recipe shrunk for tests: 2 prompts x 4 samples per rollout, 2 steps per rollout."""
     recipe = {
-        "base": str(REPO / "recipes" / "rl" / "tiny_cpu.yaml"),
+        "base": str(RL_TINY),
         "train": {"seq_length": 48, "micro_batch_size": 2, "global_batch_size": 4, "train_iters": 4},
         "data": {"tokenizer": str(tokenizer), "rl_path": str(prompts), "cache_dir": str(directory / "cache")},
         "rl": {
@@ -144,7 +144,7 @@ def run_rl_ranks(recipe: Path, overrides: list[str], nproc: int, timeout: int = 
     import subprocess
     import sys
 
-    from joyai_helpers import clean_env, free_port
+    from tests.joyai_helpers import clean_env, free_port
 
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),

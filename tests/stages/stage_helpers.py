@@ -12,11 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_BASE = REPO / "recipes" / "pretrain" / "tiny_cpu" / "base.yaml"
-SFT_RECIPE = REPO / "recipes" / "sft" / "tiny_cpu.yaml"
-DPO_RECIPE = REPO / "recipes" / "dpo" / "tiny_cpu.yaml"
-
 
 @dataclass
 class Run:

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from stage_helpers import DPO_RECIPE, Run, dpo_overrides, run_stage
 
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.stages.dpo import CHOSEN, PADDING, REJECTED, DPOStage, PairRows
 from joyai_megatron.training.checkpoint import resolve_checkpoint
+from tests.joyai_helpers import DPO_RECIPE
+from tests.stages.stage_helpers import Run, dpo_overrides, run_stage
 
 # --- the loss against TRL's formulas ---------------------------------------------------------------
 
@@ -281,7 +282,7 @@ def test_layouts_match_single_process(
     reference run through the pipeline schedule (PP=2), the precomputation split over data-parallel
     ranks (DP=2), pairs split over context-parallel ranks (CP=2): the same losses and rewards as
     one process, to fp32 rounding."""
-    from joyai_helpers import read_metrics, run_joyai
+    from tests.joyai_helpers import read_metrics, run_joyai
 
     overrides = [
         *dpo_overrides(demo_data, sft_run.checkpoint_dir), f"data.dpo_path={small_pairs}", "train.train_iters=2",

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from qat_fixtures import memorization_overrides, write_memorization_corpus
-from stage_helpers import TINY_BASE, Run, run_stage
 
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.convert.common import ConversionError
 from joyai_megatron.model.presets import recipe_arch
 from joyai_megatron.quant.formats import QATConfigError, check_qat_recipe, modelopt_config
+from tests.joyai_helpers import QAT_TINY, REPO, TINY_BASE
+from tests.stages.qat_fixtures import memorization_overrides, write_memorization_corpus
+from tests.stages.stage_helpers import Run, run_stage
 
-REPO = Path(__file__).resolve().parents[2]
-QAT_TINY = REPO / "recipes" / "qat" / "tiny_cpu.yaml"
 QAT_48B = REPO / "recipes" / "qat" / "joyai_48b_a3b_int4.yaml"
 
 # The QAT settings of recipes/qat/tiny_cpu.yaml on the memorisation corpus.
@@ -296,7 +295,7 @@ def test_qat_round_to_nearest_beats_ptq(qat_int4: Run) -> None:
 
 
 def test_compare_command_reproduces_the_stage(qat_int4: Run) -> None:
-    from joyai_megatron.quant.compare import compare_checkpoints
+    from joyai_megatron.stages.qat_compare import compare_checkpoints
 
     stage = json.loads((qat_int4.log_dir / "qat_compare.json").read_text())
     again = compare_checkpoints(str(qat_int4.checkpoint_dir))

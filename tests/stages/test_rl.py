@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from rl_fixtures import train_rl, write_rl_recipe
+
+from tests.stages.rl_fixtures import train_rl, write_rl_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -158,10 +159,10 @@ def test_engine_payload_is_the_hf_checkpoint_layout(tmp_path, shutdown):
 
     from joyai_megatron.convert.hf_config import arch_to_hf_config
     from joyai_megatron.convert.mapping import mapping_table
-    from joyai_megatron.convert.megatron_model import build_megatron_model, init_single_process
     from joyai_megatron.model.presets import TINY
     from joyai_megatron.rl.rollout.engines import buckets
     from joyai_megatron.rl.rollout.weight_sync import full_model_hf_weights
+    from joyai_megatron.training.checkpoint_model import build_megatron_model, init_single_process
 
     init_single_process()
     arch = TINY.replace(vocab_size=512)
@@ -267,9 +268,9 @@ def test_prompt_order_is_a_function_of_the_rollout():
 
 
 def test_logprobs_and_entropy_match_log_softmax(shutdown, monkeypatch):
-    from joyai_megatron.convert.megatron_model import init_single_process
     from joyai_megatron.rl import logprobs
     from joyai_megatron.rl.logprobs import token_entropy, token_logprobs
+    from joyai_megatron.training.checkpoint_model import init_single_process
 
     init_single_process()
     monkeypatch.setattr(logprobs, "ENTROPY_CHUNK", 3)  # 7 tokens: three slices
@@ -381,7 +382,7 @@ def test_code_rewards_need_a_sandbox_or_the_opt_in(rl_data, tmp_path, monkeypatc
 def test_tensor_parallel_two_ranks(rl_data, tmp_path):
     """TP=2 (sequence parallel): vocab-parallel log-probs and entropy, TP-gathered weight sync and
     the rollout broadcast to the TP peer; the recomputed log-probs must still match the engine's."""
-    from joyai_helpers import read_metrics, run_joyai
+    from tests.joyai_helpers import read_metrics, run_joyai
 
     tokenizer, prompts = rl_data
     recipe = write_rl_recipe(
@@ -409,10 +410,9 @@ def test_expert_parallel_two_ranks_matches_one(rl_data, tmp_path, shutdown):
     same rollout, step 1's loss, gradient norm, entropy and engine log-prob agreement, and step 2's
     ratios after the update. (Step 1 is on-policy, where FiberPO's loss is 0 for whole groups; the
     gradient norm is the sharp check.)"""
-    from joyai_helpers import read_metrics
-    from rl_fixtures import run_rl_ranks
-
     from joyai_megatron.training.distributed import shutdown as close
+    from tests.joyai_helpers import read_metrics
+    from tests.stages.rl_fixtures import run_rl_ranks
 
     tokenizer, prompts = rl_data
     init = write_rl_recipe(

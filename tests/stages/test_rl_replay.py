@@ -11,7 +11,8 @@ import math
 
 import pytest
 import torch
-from rl_fixtures import train_rl, write_rl_recipe
+
+from tests.stages.rl_fixtures import train_rl, write_rl_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -48,8 +49,8 @@ def test_recompute_replays_each_micro_batchs_routing(shutdown):
     micro-batch's routing); without switching to REPLAY_BACKWARD after the forward it does not."""
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from joyai_megatron.convert.megatron_model import init_single_process
     from joyai_megatron.rl.replay import RoutingReplay, replay_handles
+    from joyai_megatron.training.checkpoint_model import init_single_process
 
     init_single_process()
     plain, recomputed, unswitched = _tiny_moe("none"), _tiny_moe("full"), _tiny_moe("full")
@@ -165,7 +166,6 @@ def test_engine_routing_aligns_with_the_trainer_and_is_replayed(shutdown):
     trainer's own routers pick at those positions on the same weights (the alignment), (2) what
     the routers use under replay (probed in the router's output), and (3) gives the engine's
     log-probs to fp32 rounding; the same routing shifted by one token does not."""
-    from joyai_megatron.convert.megatron_model import init_single_process
     from joyai_megatron.model.presets import TINY
     from joyai_megatron.rl.batch import Trajectory, micro_batches
     from joyai_megatron.rl.logprobs import token_logprobs
@@ -173,6 +173,7 @@ def test_engine_routing_aligns_with_the_trainer_and_is_replayed(shutdown):
     from joyai_megatron.rl.rollout import SamplingParams
     from joyai_megatron.rl.rollout.local import LocalHFEngine
     from joyai_megatron.rl.rollout.weight_sync import full_model_hf_weights
+    from joyai_megatron.training.checkpoint_model import init_single_process
     from joyai_megatron.training.packing import pack_batch
 
     init_single_process()

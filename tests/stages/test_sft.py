@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from stage_helpers import SFT_RECIPE, Run, run_stage, sft_overrides
 
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.stages.sft import SFTStage, collate_packed_rows
+from tests.joyai_helpers import SFT_RECIPE
+from tests.stages.stage_helpers import Run, run_stage, sft_overrides
 
 
 def sft_dataset(demo_data: Path, seq_length: int = 512):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from stage_helpers import Run
+
+from tests.stages.stage_helpers import Run
 
 
 @pytest.fixture(scope="module")

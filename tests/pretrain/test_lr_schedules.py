@@ -11,11 +11,11 @@ import math
 
 import pytest
 import torch
-from foundation_helpers import REPO
 
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.optim.batch_ramp import batch_sizes, ramp_thresholds
 from joyai_megatron.optim.schedule import build_scheduler
+from tests.joyai_helpers import REPO
 
 PRETRAIN = REPO / "recipes" / "pretrain"
 B = 1_000_000_000

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from foundation_helpers import load_tiny
 
-from joyai_megatron.config.layout import LayoutError, validate_layout
 from joyai_megatron.model.presets import TINY
 from joyai_megatron.stages.pretrain import PretrainStage
+from joyai_megatron.training.layout import LayoutError, validate_layout
 from joyai_megatron.training.trainer import Trainer
+from tests.foundation.foundation_helpers import load_tiny
 
 # (case, world size, overrides, fragments the message must contain).  TINY: 4 heads, 8 experts,
 # 3 layers, vocab 8192, ffn 128; the tiny recipe has micro-batch 2, global batch 8, sequence 128.

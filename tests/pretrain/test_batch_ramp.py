@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from foundation_helpers import REPO, load_tiny
-
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.optim.batch_ramp import batch_size_at, batch_sizes, ramp_thresholds
 from joyai_megatron.stages.pretrain import PretrainStage
 from joyai_megatron.training.trainer import Trainer
+from tests.foundation.foundation_helpers import load_tiny
+from tests.joyai_helpers import REPO
 
 
 def test_48b_stage1_ramp_3200_to_9216_in_47_steps_over_100b_tokens() -> None:

@@ -10,7 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from slurmci import PYTHON, REPO, SlurmCluster, job_output
+
+from tests.slurm.slurmci import PYTHON, REPO, SlurmCluster, job_output
 
 pytestmark = pytest.mark.slurm
 

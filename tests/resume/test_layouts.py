@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from joyai_helpers import read_metrics, run_joyai, write_mock_recipe
 
 from joyai_megatron.convert.dist_ckpt import DistCkptReader
 from joyai_megatron.training.checkpoint import TRACKER, iter_dir
+from tests.joyai_helpers import read_metrics, run_joyai, write_mock_recipe
 
 N, STEPS = 2, 5
 STATE_KEYS = ("optimizer.state.momentum_buffer.", "optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.")

@@ -10,11 +10,10 @@ frame that issues each recorded import must not be one of ours, and TE must not 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-from foundation_helpers import REPO
+from tests.joyai_helpers import REPO, scrubbed_env
 
 PROBE = r"""
 import json, sys, traceback
@@ -66,11 +65,8 @@ def _importer(stack: list[list]) -> str:
 
 
 def test_local_model_never_imports_transformer_engine() -> None:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(key, None)
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", PROBE], cwd=REPO, env=scrubbed_env(PYTHONWARNINGS="ignore"), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from foundation_helpers import load_tiny
 
 from joyai_megatron.training.metrics import interval_means
+from tests.foundation.foundation_helpers import load_tiny
 
 
 def test_interval_means_average_only_the_losses() -> None:

@@ -7,12 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from foundation_helpers import MOCK_DATA, REPO
 
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.stages.pretrain import PretrainStage
 from joyai_megatron.training.distributed import shutdown
 from joyai_megatron.training.trainer import Trainer
+from tests.foundation.foundation_helpers import MOCK_DATA
+from tests.joyai_helpers import REPO
 
 FAMILIES = ["joyai_48b_a3b", "tiny_cpu"]
 

@@ -148,8 +148,8 @@ def test_local_mla_down_projections_are_replicated(single_process) -> None:
     from megatron.core.transformer import multi_latent_attention
 
     from joyai_megatron.compat.mla import ReplicatedLinear
-    from joyai_megatron.convert.megatron_model import build_megatron_model, init_single_process
     from joyai_megatron.model.presets import get_preset
+    from joyai_megatron.training.checkpoint_model import build_megatron_model, init_single_process
 
     init_single_process()
     model = build_megatron_model(get_preset("tiny"), mtp=True)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from slurmci import PYTHON, REPO, Job, SlurmCluster, assert_completed, job_output, require_trainer
+
+from tests.slurm.slurmci import PYTHON, REPO, Job, SlurmCluster, assert_completed, job_output, require_trainer
 
 pytestmark = pytest.mark.slurm
 

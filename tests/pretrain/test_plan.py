@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from foundation_helpers import REPO, load_tiny, run_cli
 
 from joyai_megatron import cli
-from joyai_megatron.config.layout import validate_layout
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.model.count import build_on_meta, count_model
 from joyai_megatron.model.presets import PRESETS, TINY, arch_from_dict, recipe_arch
 from joyai_megatron.training import plan
+from joyai_megatron.training.distributed import init_distributed
+from joyai_megatron.training.layout import validate_layout
+from tests.foundation.foundation_helpers import load_tiny
+from tests.joyai_helpers import REPO, packed_forward, run_cli
 
 STAGE1 = "recipes/pretrain/joyai_48b_a3b/stage1.yaml"
 STAGE3 = "recipes/pretrain/joyai_48b_a3b/stage3.yaml"
@@ -26,6 +28,7 @@ STAGE3 = "recipes/pretrain/joyai_48b_a3b/stage3.yaml"
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_analytic_counts_equal_the_built_model(preset: str, single_process: None) -> None:
     arch = PRESETS[preset]
+    init_distributed()
     measured = count_model(arch, seq_length=128)
     analytic = plan.model_param_counts(arch)
     assert analytic["total_params"] == measured.total_params
@@ -36,6 +39,7 @@ def test_analytic_counts_equal_the_built_model(preset: str, single_process: None
 
 def test_muon_adam_split_matches_the_built_model(single_process: None, tmp_path: Path) -> None:
     """Params.matrix (Muon) / Params.other (AdamW) against the built model's 2-D rule."""
+    init_distributed()
     model = build_on_meta(TINY)
     matrix = other = 0
     for name, p in model.named_parameters():
@@ -168,14 +172,7 @@ def test_activation_estimate_is_near_the_measured_saved_tensors(single_process: 
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(
-            packed.tokens,
-            packed.position_ids,
-            None,
-            labels=packed.labels,
-            loss_mask=packed.loss_mask,
-            packed_seq_params=packed.packed_seq_params,
-        )
+        packed_forward(model, packed)
     measured = sum(kept.values())
     setting = plan.ActivationSetting(256, 4, 1, 1, False, "none", frozenset(), True)
     chunk = plan.Chunk(layers=list(range(arch.num_layers)), embedding=True, loss=True, mtp=1)

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from foundation_helpers import REPO, TINY_BASE, run_cli
 
 from joyai_megatron.cli import STAGES
 from joyai_megatron.config.recipe import RecipeError, load_recipe
 from joyai_megatron.config.schema import Recipe
+from tests.joyai_helpers import REPO, TINY_BASE, run_cli
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 
 import pytest
 import torch
-from foundation_helpers import load_tiny
 
 from joyai_megatron.optim.builder import build_optimizer, parameter_split
 from joyai_megatron.stages.pretrain import PretrainStage
 from joyai_megatron.training.distributed import shutdown
 from joyai_megatron.training.trainer import Trainer
+from tests.foundation.foundation_helpers import load_tiny
+from tests.joyai_helpers import leave_launcher_world
 
 # Every trainable parameter belongs to exactly one of these groups.
 GROUPS = {
@@ -39,8 +39,7 @@ def _name(name: str) -> str:
 @pytest.fixture(scope="module")
 def stepped(tmp_path_factory: pytest.TempPathFactory):
     """A tiny trainer (MTP on, mock data, one rank) after exactly one optimizer step."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        os.environ.pop(key, None)
+    leave_launcher_world()
     shutdown()
     recipe = load_tiny(tmp_path_factory.mktemp("tiny"), "model.mtp_enabled=true", "train.train_iters=1")
     trainer = Trainer(recipe, PretrainStage)

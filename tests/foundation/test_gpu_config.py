@@ -8,13 +8,13 @@ import re
 from pathlib import Path
 
 import pytest
-from foundation_helpers import REPO, run_cli
 
 from joyai_megatron.compat import target
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.config.schema import PrecisionCfg
 from joyai_megatron.model.config import ConfigRejected, check_fp8_shapes, check_gpu_config, recipe_keys_in
 from joyai_megatron.model.presets import TINY, get_preset, recipe_arch
+from tests.joyai_helpers import REPO, run_cli
 
 SHIPPED = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.name != "base.yaml")
 
@@ -78,11 +78,11 @@ def test_local_checkpoints_use_transformer_engine_names(single_process: None) ->
     """TE fuses q/kv layernorms (and a dense layer's pre-MLP norm) into the next linear; the local
     backend saves them under those names so a local checkpoint loads on `te` (seen failing on an
     H200 before: ``linear_q_up_proj.layer_norm_weight from model not in state dict``)."""
-    from joyai_megatron.config.layout import Layout
     from joyai_megatron.config.schema import ModelCfg, ParallelCfg
     from joyai_megatron.model.build import build_joyai_model
     from joyai_megatron.model.config import build_transformer_config
     from joyai_megatron.training.distributed import init_distributed, init_model_parallel
+    from joyai_megatron.training.layout import Layout
 
     init_distributed()
     init_model_parallel(Layout(1, 1, 1, 1, 1, 1, 1, 1, None))
@@ -107,8 +107,8 @@ def test_smoke_puts_each_gpu_recipe_on_one_device(path: Path, tmp_path: Path) ->
     """What `smoke` runs is the shipped recipe with only depth, layout, batch, length and data cut."""
     import argparse
 
-    from joyai_megatron.config.layout import validate_layout
     from joyai_megatron.smoke import smoke_recipe
+    from joyai_megatron.training.layout import validate_layout
 
     args = argparse.Namespace(
         overrides=[], layers=2, vocab_size=8192, max_seq_length=32768, global_batch=4, steps=3

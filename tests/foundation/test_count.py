@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from foundation_helpers import run_cli
 
 from joyai_megatron.model.count import count_model, flops_per_token
 from joyai_megatron.model.presets import JOYAI_48B_A3B, PRESETS
+from joyai_megatron.training.distributed import init_distributed
+from tests.joyai_helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,7 @@ def test_48b_flops_analytic_equals_measured(counts_48b: dict) -> None:
 @pytest.mark.parametrize("mtp", [True, False])
 def test_flops_analytic_equals_measured(preset: str, mtp: bool, single_process: None) -> None:
     arch = PRESETS[preset]
+    init_distributed()
     measured = count_model(arch, seq_length=512, mtp=mtp)
     assert flops_per_token(arch, 512, mtp=mtp) == pytest.approx(measured.flops_per_token, rel=1e-9)
     # Independent: 6 FLOPs per active matmul weight per token is the bulk of it (attention scores

@@ -1,4 +1,4 @@
-"""``python -m joyai_megatron.quant.compare --qat <qat ckpt> [--reference <ckpt>]``: the three losses.
+"""``python -m joyai_megatron.stages.qat_compare --qat <qat ckpt> [--reference <ckpt>]``: the three losses.
 
 Validation loss (main LM loss, token-weighted, on the QAT recipe's validation split) of
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m joyai_megatron.quant.compare", description=__doc__.split("\n")[0]
+        prog="python -m joyai_megatron.stages.qat_compare", description=__doc__.split("\n")[0]
     )
     p.add_argument("--qat", required=True, help="QAT <ckpt_dir> or <ckpt_dir>/iter_*")
     p.add_argument("--reference", help="unquantized checkpoint (default: the QAT recipe's checkpoint.load)")

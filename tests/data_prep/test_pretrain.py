@@ -24,8 +24,8 @@ from data_prep.cli import main
 from data_prep.errors import OutputLimits
 from data_prep.pretrain import PretrainConfig, run_pretrain
 from data_prep.tokenizer import make_encoder
+from tests.joyai_helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TRICKY = [
     "hello <|end_of_text|> world <think>x</think> <|im_start|>",
     "  leading spaces\r\n\r\nCRLF\t\ttabs 1234567 ١٢٣ 中文字符かなカナ",
