@@ -15,8 +15,8 @@ import pytest
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.model.config import check_gpu_config
 from joyai_megatron.model.presets import recipe_arch
+from tests.joyai_helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("backend_equivalence", REPO / "benchmarks" / "backend_equivalence.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from joyai_helpers import read_metrics, run_joyai, write_mock_recipe
+from tests.joyai_helpers import read_metrics, run_joyai, write_mock_recipe
 
 
 def test_per_parameter_norms_add_up_to_the_logged_grad_norm(tmp_path: Path) -> None:

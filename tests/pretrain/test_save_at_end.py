@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from joyai_helpers import read_metrics, run_joyai, write_mock_recipe
+from tests.joyai_helpers import read_metrics, run_joyai, write_mock_recipe
 
 
 def test_no_checkpoint_when_save_at_end_is_false(tmp_path: Path) -> None:
