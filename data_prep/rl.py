@@ -66,27 +66,7 @@ def _conversation(record: dict[str, Any], path: str, line: int, thinking: bool) 
     enable = record.get("enable_thinking", thinking)
     if not isinstance(enable, bool):
         raise BadRecord(path, line, "bad_messages", "'enable_thinking' must be true or false")
-    return Conversation(
-        messages, parse_tools(_tool_schemas(record.get("tools"), path, line), path, line), enable
-    )
-
-
-def _tool_schemas(tools: Any, path: str, line: int) -> Any:
-    """Registered tool names -> their schemas (other entries pass through to ``parse_tools``)."""
-    if not isinstance(tools, list):
-        return tools
-    from joyai_megatron.rl.agentic.tools import available_tools, get_tool
-
-    out = []
-    for tool in tools:
-        if isinstance(tool, str):
-            if tool not in available_tools():
-                raise BadRecord(
-                    path, line, "bad_messages", f"unknown tool {tool!r}; registered: {available_tools()}"
-                )
-            tool = get_tool(tool).schema()
-        out.append(tool)
-    return out
+    return Conversation(messages, parse_tools(record.get("tools"), path, line), enable)
 
 
 def _tool_names(conversation: Conversation) -> list[str] | None:
