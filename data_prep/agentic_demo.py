@@ -1,6 +1,6 @@
 """``data_prep agentic-demo``: the toy tool-use task of agentic RL, generated from a seed (no downloads).
 
-Task: multiply two numbers of 3 and 2 digits ("What is 537 * 86?"). The tiny CPU model cannot
+Task: multiply two 2-digit numbers ("What is 37 * 86?"). The tiny CPU model cannot
 multiply in its head; with the ``calculator`` tool it only has to copy the operands into a call
 and the tool's result into "Answer: N". Everything is deterministic in ``seed``:
 
@@ -27,7 +27,7 @@ SYSTEM = "Use the calculator for arithmetic."
 
 
 def problem(rng: random.Random) -> tuple[int, int]:
-    return rng.randint(100, 999), rng.randint(10, 99)
+    return rng.randint(10, 99), rng.randint(10, 99)
 
 
 def question(a: int, b: int) -> str:
@@ -101,8 +101,8 @@ def write_raw(
 def build_agentic_demo(
     output: Path,
     seed: int = 1234,
-    sft_examples: int = 400,
-    tool_share: float = 0.5,
+    sft_examples: int = 800,
+    tool_share: float = 0.4,
     rl_prompts: int = 512,
     eval_prompts: int = 100,
     seq_length: int = 256,

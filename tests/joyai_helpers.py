@@ -51,7 +51,15 @@ def joyai_command(stage: str, recipe: Path, overrides: list[str], nproc: int = 1
 
 
 # Variables an in-process test's process group leaves behind; a child must not inherit them.
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+DIST_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+)
 
 
 def clean_env() -> dict[str, str]:

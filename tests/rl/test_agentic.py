@@ -269,3 +269,49 @@ def test_per_turn_advantages_charge_errors_to_their_turn():
     assert batch["advantages"].shape == (1, 8)
     assert batch["advantages"][0][batch["loss_mask"][0].bool()].tolist() == pytest.approx([0.1, 0.2, 0.3])
     assert torch.count_nonzero(batch["advantages"][0]) == 3
+
+
+def test_hostile_python_calls_inside_an_episode_are_tool_errors(agentic_data, tmp_path):
+    """The episode runner (what the trainer runs each rollout) with the python tool: file access
+    outside the sandbox, network and a fork bomb come back as tool errors, the episode goes on to
+    its answer and is scored; nothing escapes and nothing raises."""
+    from joyai_megatron.rl.agentic.env import tool_environment
+    from joyai_megatron.rl.rewards import get_reward
+    from joyai_megatron.rl.rewards.sandbox import bubblewrap_available
+    from joyai_megatron.training.tokenizer import HFTokenizer
+
+    if not bubblewrap_available():
+        pytest.skip("bubblewrap is unusable here")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cret")
+    tokenizer = HFTokenizer(agentic_data / "tokenizer")
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    script = [
+        _call("python", code=f"print(open({str(secret)!r}).read())")
+        + _call("python", code=f"open({str(tmp_path / 'pwned')!r}, 'w').write('x')"),
+        _call("python", code="import urllib.request; print(urllib.request.urlopen('http://1.1.1.1').read())"),
+        _call("python", code="import os\nwhile True:\n    os.fork()"),
+        "Answer: 6",
+    ]
+    env = tool_environment(
+        ["python", "calculator"], get_reward("math"), EpisodeLimits(max_turns=5, turn_timeout_s=5)
+    )
+    env.reset(_prompt("6", tools=("python", "calculator")))
+    engine = ScriptedEngine(tokenizer.encode, script, im_end)
+    params = SamplingParams(128, stop_token_ids=(im_end,))
+    (ep,) = run_episodes(
+        engine,
+        [Episode([5, 6, 7], env, False)],
+        params,
+        0,
+        5,
+        2048,
+        tokenizer.encode,
+        lambda ids: tokenizer.decode(ids[:-1]),
+    )
+    assert (ep.info.turns, ep.info.tool_calls, ep.info.tool_errors) == (4, 4, 4)
+    assert ep.info.turn_errors == [2, 1, 1, 0] and ep.info.truncated is None
+    assert env.reward() == 1.0  # the final answer still counts
+    replies = tokenizer.decode([t for t, m in zip(ep.response_ids, ep.response_mask, strict=True) if not m])
+    assert replies.count("error:") == 4 and "s3cret" not in replies
+    assert not (tmp_path / "pwned").exists()
