@@ -1,14 +1,20 @@
 """``data_prep agentic-demo``: the toy tool-use task of agentic RL, generated from a seed (no downloads).
 
-Task: multiply two 2-digit numbers ("What is 37 * 86?"). The tiny CPU model cannot
-multiply in its head; with the ``calculator`` tool it only has to copy the operands into a call
-and the tool's result into "Answer: N". Everything is deterministic in ``seed``:
+Task: a modular product of two 2-digit numbers ("What is 37 * 86 % 29?"; modulus 29). The tiny CPU
+model cannot compute it in its head (a guess is right 1 time in 29); with the ``calculator`` tool
+it only has to copy the operands into a call and the tool's result into "Answer: N". Operands are
+the 2-digit numbers the tokenizer keeps as one token, and results (0..28) are single tokens too, so
+every copy is of one token: what a 3-layer, 64-wide model learns from a few hundred
+demonstrations in minutes. Everything is deterministic in ``seed``:
 
 * ``corpus/``, ``tokenizer/``: the demo tokenizer (``data_prep demo``'s, with the <tool_call> tokens).
-* ``sft/train.parquet``: ``sft_examples`` warm-start conversations, ``tool_share`` of them tool-use
-  demonstrations (user -> assistant tool call -> tool result -> assistant "Answer: N"), the rest
-  answered "in the head" (the right number, which the model cannot learn to compute). The warm
-  start therefore calls the tool only sometimes: RL has to discover that calling it pays.
+* ``sft/train.parquet``: the warm start. ``explicit_examples`` tool-use demonstrations of prompts
+  that ask for the calculator ("Use the calculator: what is ...?"; user -> assistant tool call ->
+  tool result -> assistant "Answer: N"), which teach the format and the copying, and
+  ``sft_examples`` demonstrations of the task's own prompts ("What is ...?"), ``tool_share`` of
+  them with the tool and the rest answered "in the head" (the right number, which the model cannot
+  learn to compute). On the task's prompts the warm start therefore calls the tool only sometimes
+  (greedy: rarely): RL has to discover that calling it pays.
 * ``rl/train.jsonl``, ``rl/eval.jsonl``: environment prompts (``tools: ["calculator"]``, ``math``
   verifier); the eval problems are disjoint from every training and SFT problem (held out).
 """
@@ -26,22 +32,43 @@ from data_prep.sft import prepare_sft
 SYSTEM = "Use the calculator for arithmetic."
 
 
-def problem(rng: random.Random) -> tuple[int, int]:
-    return rng.randint(10, 99), rng.randint(10, 99)
+MODULUS = 29
 
 
-def question(a: int, b: int) -> str:
-    return f"What is {a} * {b}?"
+def single_token_numbers(tokenizer: Path) -> list[int]:
+    """2-digit numbers the tokenizer encodes as one token (operands); every result must be one too."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
+    single = [n for n in range(100) if len(tok.encode(str(n), add_special_tokens=False).ids) == 1]
+    if any(n not in single for n in range(MODULUS)):
+        raise ValueError(f"{tokenizer}: results 0..{MODULUS - 1} are not all single tokens")
+    return [n for n in single if n >= 10]
 
 
-def tool_demo(a: int, b: int) -> list[dict[str, Any]]:
-    call = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": f"{a} * {b}"}}}
+def result(a: int, b: int) -> int:
+    return a * b % MODULUS
+
+
+def expression(a: int, b: int) -> str:
+    return f"{a} * {b} % {MODULUS}"
+
+
+def question(a: int, b: int, explicit: bool = False) -> str:
+    return f"{'Use the calculator: what' if explicit else 'What'} is {expression(a, b)}?"
+
+
+def tool_demo(a: int, b: int, explicit: bool = False) -> list[dict[str, Any]]:
+    call = {
+        "type": "function",
+        "function": {"name": "calculator", "arguments": {"expression": expression(a, b)}},
+    }
     return [
         {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": question(a, b)},
+        {"role": "user", "content": question(a, b, explicit)},
         {"role": "assistant", "content": "", "tool_calls": [call]},
-        {"role": "tool", "content": str(a * b)},
-        {"role": "assistant", "content": f"Answer: {a * b}"},
+        {"role": "tool", "content": str(result(a, b))},
+        {"role": "assistant", "content": f"Answer: {result(a, b)}"},
     ]
 
 
@@ -49,18 +76,22 @@ def direct_demo(a: int, b: int) -> list[dict[str, Any]]:
     return [
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": question(a, b)},
-        {"role": "assistant", "content": f"Answer: {a * b}"},
+        {"role": "assistant", "content": f"Answer: {result(a, b)}"},
     ]
 
 
-def split_problems(seed: int, counts: dict[str, int]) -> dict[str, list[tuple[int, int]]]:
+def split_problems(
+    seed: int, counts: dict[str, int], operands: list[int]
+) -> dict[str, list[tuple[int, int]]]:
     """Disjoint problem sets (by operand pair) of the given sizes."""
     rng, seen = random.Random(seed), set()
+    if sum(counts.values()) > len(operands) ** 2 * 2 // 3:
+        raise ValueError(f"{sum(counts.values())} problems from {len(operands)} operands: too many")
     out: dict[str, list[tuple[int, int]]] = {}
     for name, count in counts.items():
         items = []
         while len(items) < count:
-            pair = problem(rng)
+            pair = (rng.choice(operands), rng.choice(operands))
             if pair not in seen:
                 seen.add(pair)
                 items.append(pair)
@@ -69,15 +100,25 @@ def split_problems(seed: int, counts: dict[str, int]) -> dict[str, list[tuple[in
 
 
 def write_raw(
-    output: Path, seed: int, sft_examples: int, tool_share: float, rl_prompts: int, eval_prompts: int
+    output: Path,
+    seed: int,
+    sft_examples: int,
+    tool_share: float,
+    rl_prompts: int,
+    eval_prompts: int,
+    operands: list[int],
+    explicit_examples: int,
 ) -> None:
-    sets = split_problems(seed, {"sft": sft_examples, "rl": rl_prompts, "eval": eval_prompts})
+    counts = {"explicit": explicit_examples, "sft": sft_examples, "rl": rl_prompts, "eval": eval_prompts}
+    sets = split_problems(seed, counts, operands)
     rng = random.Random(seed + 1)
     raw = output / "raw"
     raw.mkdir(parents=True, exist_ok=True)
+    demos = [tool_demo(a, b, explicit=True) for a, b in sets["explicit"]]
+    demos += [tool_demo(a, b) if rng.random() < tool_share else direct_demo(a, b) for a, b in sets["sft"]]
+    rng.shuffle(demos)
     with open(raw / "sft.jsonl", "w") as f:
-        for a, b in sets["sft"]:
-            messages = tool_demo(a, b) if rng.random() < tool_share else direct_demo(a, b)
+        for messages in demos:
             tools = ["calculator"]
             f.write(json.dumps({"messages": messages, "tools": tools, "enable_thinking": False}) + "\n")
     for split in ("rl", "eval"):
@@ -90,7 +131,7 @@ def write_raw(
                         {"role": "user", "content": question(a, b)},
                     ],
                     "tools": ["calculator"],
-                    "answer": str(a * b),
+                    "answer": str(result(a, b)),
                     "verifier": "math",
                     "domain": "arithmetic",
                     "enable_thinking": False,
@@ -101,8 +142,9 @@ def write_raw(
 def build_agentic_demo(
     output: Path,
     seed: int = 1234,
-    sft_examples: int = 800,
+    sft_examples: int = 400,
     tool_share: float = 0.4,
+    explicit_examples: int = 600,
     rl_prompts: int = 512,
     eval_prompts: int = 100,
     seq_length: int = 256,
@@ -118,7 +160,16 @@ def build_agentic_demo(
         if not (tokenizer / "tokenizer.json").is_file():
             make_corpus(output / "corpus")
             train_tokenizer([str(output / "corpus" / "**" / "*.jsonl")], tokenizer, DEFAULT_VOCAB_SIZE)
-    write_raw(output, seed, sft_examples, tool_share, rl_prompts, eval_prompts)
+    write_raw(
+        output,
+        seed,
+        sft_examples,
+        tool_share,
+        rl_prompts,
+        eval_prompts,
+        single_token_numbers(tokenizer),
+        explicit_examples,
+    )
     stats = {
         "sft": prepare_sft(
             [str(output / "raw" / "sft.jsonl")],

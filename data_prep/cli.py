@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("agentic-demo", help="the toy calculator tool-use task: SFT warm start + RL prompts")
     p.add_argument("--output", required=True)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--sft-examples", type=int, default=800)
+    p.add_argument("--sft-examples", type=int, default=400)
+    p.add_argument(
+        "--explicit-examples", type=int, default=600, help="demos of prompts that ask for the tool"
+    )
     p.add_argument("--tool-share", type=float, default=0.4, help="share of SFT demos that call the tool")
     p.add_argument("--rl-prompts", type=int, default=512)
     p.add_argument("--eval-prompts", type=int, default=100)
@@ -129,6 +132,7 @@ def run(args: argparse.Namespace) -> object:
             Path(args.output),
             seed=args.seed,
             sft_examples=args.sft_examples,
+            explicit_examples=args.explicit_examples,
             tool_share=args.tool_share,
             rl_prompts=args.rl_prompts,
             eval_prompts=args.eval_prompts,
