@@ -10,7 +10,8 @@ demonstrations in minutes. Everything is deterministic in ``seed``:
 * ``corpus/``, ``tokenizer/``: the demo tokenizer (``data_prep demo``'s, with the <tool_call> tokens).
 * ``sft/train.parquet``: the warm start. ``explicit_examples`` tool-use demonstrations of prompts
   that ask for the calculator ("Use the calculator: what is ...?"; user -> assistant tool call ->
-  tool result -> assistant "Answer: N"), which teach the format and the copying, and
+  tool result -> assistant "Answer: N"; four problems per conversation), which teach the format
+  and the copying, and
   ``sft_examples`` demonstrations of the task's own prompts ("What is ...?"), ``tool_share`` of
   them with the tool and the rest answered "in the head" (the right number, which the model cannot
   learn to compute). On the task's prompts the warm start therefore calls the tool only sometimes
@@ -58,18 +59,26 @@ def question(a: int, b: int, explicit: bool = False) -> str:
     return f"{'Use the calculator: what' if explicit else 'What'} is {expression(a, b)}?"
 
 
-def tool_demo(a: int, b: int, explicit: bool = False) -> list[dict[str, Any]]:
+def tool_turns(a: int, b: int, explicit: bool = False) -> list[dict[str, Any]]:
     call = {
         "type": "function",
         "function": {"name": "calculator", "arguments": {"expression": expression(a, b)}},
     }
     return [
-        {"role": "system", "content": SYSTEM},
         {"role": "user", "content": question(a, b, explicit)},
         {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "content": str(result(a, b))},
         {"role": "assistant", "content": f"Answer: {result(a, b)}"},
     ]
+
+
+def tool_demo(a: int, b: int, explicit: bool = False) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": SYSTEM}, *tool_turns(a, b, explicit)]
+
+
+def chain_demo(pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Several explicit problems in one conversation (one tool call each): more copies per token."""
+    return [{"role": "system", "content": SYSTEM}] + [m for a, b in pairs for m in tool_turns(a, b, True)]
 
 
 def direct_demo(a: int, b: int) -> list[dict[str, Any]]:
@@ -108,13 +117,15 @@ def write_raw(
     eval_prompts: int,
     operands: list[int],
     explicit_examples: int,
+    chain: int = 4,
 ) -> None:
     counts = {"explicit": explicit_examples, "sft": sft_examples, "rl": rl_prompts, "eval": eval_prompts}
     sets = split_problems(seed, counts, operands)
     rng = random.Random(seed + 1)
     raw = output / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    demos = [tool_demo(a, b, explicit=True) for a, b in sets["explicit"]]
+    explicit = sets["explicit"]
+    demos = [chain_demo(explicit[k : k + chain]) for k in range(0, len(explicit), chain)]
     demos += [tool_demo(a, b) if rng.random() < tool_share else direct_demo(a, b) for a, b in sets["sft"]]
     rng.shuffle(demos)
     with open(raw / "sft.jsonl", "w") as f:
@@ -147,7 +158,7 @@ def build_agentic_demo(
     explicit_examples: int = 600,
     rl_prompts: int = 512,
     eval_prompts: int = 100,
-    seq_length: int = 256,
+    seq_length: int = 512,
     tokenizer: Path | None = None,
 ) -> dict[str, Any]:
     """Build the tokenizer (unless given), the SFT warm-start set and the RL prompt sets."""

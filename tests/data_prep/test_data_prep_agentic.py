@@ -58,19 +58,24 @@ def test_sft_trains_only_the_assistant_turns_of_tool_conversations(toy):
     with_tools = 0
     for index in range(len(dataset)):
         item = dataset[index]
-        labels, mask = item["labels"], item["loss_mask"]
-        trained = hf.decode(labels[mask > 0].tolist(), skip_special_tokens=False)
-        text = hf.decode(item["tokens"].tolist(), skip_special_tokens=False)
-        if "<|im_start|>tool" in text:
-            with_tools += 1
-            tool_reply = text.split("<|im_start|>tool\n")[1].split("<|im_end|>")[0]
-            call = text.split("<|im_start|>assistant\n<think>\n\n</think>\n\n")[1].split("<|im_end|>")[0]
-            # The call and the final answer train; the tool reply and the scaffolding do not.
-            assert trained == f"{call}<|im_end|>Answer: {tool_reply}<|im_end|>"
-            assert call.startswith("<tool_call>\n") and call.endswith("\n</tool_call>")
-        else:
-            assert trained.startswith("Answer: ") and trained.endswith("<|im_end|>")
-    assert with_tools == sum("tool_calls" in json.dumps(r) for r in raw) > 0
+        cu = item["cu_seqlens"]
+        for start, end in zip(cu[:-1], cu[1:], strict=True):
+            labels, mask = item["labels"][start:end], item["loss_mask"][start:end]
+            trained = hf.decode(labels[mask > 0].tolist(), skip_special_tokens=False)
+            text = hf.decode(item["tokens"][start:end].tolist(), skip_special_tokens=False)
+            assert "<|im_start|>" not in trained
+            if text.count("<|im_start|>tool") > 1:  # explicit problems chained in one conversation
+                assert trained.count("<tool_call>") == text.count("<|im_start|>tool")
+            elif "<|im_start|>tool" in text:
+                with_tools += 1
+                tool_reply = text.split("<|im_start|>tool\n")[1].split("<|im_end|>")[0]
+                call = text.split("<|im_start|>assistant\n<think>\n\n</think>\n\n")[1].split("<|im_end|>")[0]
+                # The call and the final answer train; the tool reply and the scaffolding do not.
+                assert trained == f"{call}<|im_end|>Answer: {tool_reply}<|im_end|>"
+                assert call.startswith("<tool_call>\n") and call.endswith("\n</tool_call>")
+            else:
+                assert trained.startswith("Answer: ") and trained.endswith("<|im_end|>")
+    assert with_tools == sum(json.dumps(r).count("tool_calls") == 1 for r in raw) > 0
 
 
 def test_rl_accepts_environment_prompts_and_refuses_unknown_tools(toy, tmp_path):
