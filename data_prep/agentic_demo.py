@@ -3,14 +3,16 @@
 Task: a modular product of two 2-digit numbers ("What is 37 * 86 % 29?"; modulus 29). The tiny CPU
 model cannot compute it in its head (a guess is right 1 time in 29); with the ``calculator`` tool
 it only has to copy the operands into a call and the tool's result into "Answer: N". Operands are
-the 2-digit numbers the tokenizer keeps as one token, and results (0..28) are single tokens too, so
-every copy is of one token: what a 3-layer, 64-wide model learns from a few hundred
-demonstrations in minutes. Everything is deterministic in ``seed``:
+2-digit numbers above 29 that the tokenizer keeps as one token, split in two disjoint sets (first
+and second operand), and results (0..28) are single tokens too: every copy is of the one token of
+its kind in the context, which a 3-layer, 64-wide model learns from a few hundred
+demonstrations in minutes (copying from positions, with several numbers of one kind around, it
+did not learn in 320 SFT steps). 18 x 18 = 324 operand pairs in all. Everything is deterministic in ``seed``:
 
 * ``corpus/``, ``tokenizer/``: the demo tokenizer (``data_prep demo``'s, with the <tool_call> tokens).
 * ``sft/train.parquet``: the warm start. ``explicit_examples`` tool-use demonstrations of prompts
   that ask for the calculator ("Use the calculator: what is ...?"; user -> assistant tool call ->
-  tool result -> assistant "Answer: N"; four problems per conversation), which teach the format
+  tool result -> assistant "Answer: N"; one problem per conversation), which teach the format
   and the copying, and
   ``sft_examples`` demonstrations of the task's own prompts ("What is ...?"), ``tool_share`` of
   them with the tool and the rest answered "in the head" (the right number, which the model cannot
@@ -44,7 +46,7 @@ def single_token_numbers(tokenizer: Path) -> list[int]:
     single = [n for n in range(100) if len(tok.encode(str(n), add_special_tokens=False).ids) == 1]
     if any(n not in single for n in range(MODULUS)):
         raise ValueError(f"{tokenizer}: results 0..{MODULUS - 1} are not all single tokens")
-    return [n for n in single if n >= 10]
+    return [n for n in single if n > MODULUS]
 
 
 def result(a: int, b: int) -> int:
@@ -92,19 +94,16 @@ def direct_demo(a: int, b: int) -> list[dict[str, Any]]:
 def split_problems(
     seed: int, counts: dict[str, int], operands: list[int]
 ) -> dict[str, list[tuple[int, int]]]:
-    """Disjoint problem sets (by operand pair) of the given sizes."""
-    rng, seen = random.Random(seed), set()
-    if sum(counts.values()) > len(operands) ** 2 * 2 // 3:
-        raise ValueError(f"{sum(counts.values())} problems from {len(operands)} operands: too many")
+    """Disjoint problem sets of the given sizes: pairs (a, b), a from the even-indexed operands and
+    b from the odd-indexed ones (so neither repeats the other, nor the modulus, nor any result)."""
+    pairs = [(a, b) for a in operands[0::2] for b in operands[1::2]]
+    if sum(counts.values()) > len(pairs):
+        raise ValueError(f"{sum(counts.values())} problems from {len(pairs)} operand pairs: too many")
+    random.Random(seed).shuffle(pairs)
     out: dict[str, list[tuple[int, int]]] = {}
+    start = 0
     for name, count in counts.items():
-        items = []
-        while len(items) < count:
-            pair = (rng.choice(operands), rng.choice(operands))
-            if pair not in seen:
-                seen.add(pair)
-                items.append(pair)
-        out[name] = items
+        out[name], start = pairs[start : start + count], start + count
     return out
 
 
@@ -117,7 +116,7 @@ def write_raw(
     eval_prompts: int,
     operands: list[int],
     explicit_examples: int,
-    chain: int = 4,
+    chain: int = 1,
 ) -> None:
     counts = {"explicit": explicit_examples, "sft": sft_examples, "rl": rl_prompts, "eval": eval_prompts}
     sets = split_problems(seed, counts, operands)
@@ -153,11 +152,11 @@ def write_raw(
 def build_agentic_demo(
     output: Path,
     seed: int = 1234,
-    sft_examples: int = 400,
+    sft_examples: int = 60,
     tool_share: float = 0.4,
-    explicit_examples: int = 600,
-    rl_prompts: int = 512,
-    eval_prompts: int = 100,
+    explicit_examples: int = 100,
+    rl_prompts: int = 100,
+    eval_prompts: int = 64,
     seq_length: int = 512,
     tokenizer: Path | None = None,
 ) -> dict[str, Any]:
