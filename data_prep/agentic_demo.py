@@ -3,11 +3,9 @@
 Task: a modular product of two 2-digit numbers ("What is 37 * 86 % 29?"; modulus 29). The tiny CPU
 model cannot compute it in its head (a guess is right 1 time in 29); with the ``calculator`` tool
 it only has to copy the operands into a call and the tool's result into "Answer: N". Operands are
-2-digit numbers above 29 that the tokenizer keeps as one token, split in two disjoint sets (first
-and second operand), and results (0..28) are single tokens too: every copy is of the one token of
-its kind in the context, which a 3-layer, 64-wide model learns from a few hundred
-demonstrations in minutes (copying from positions, with several numbers of one kind around, it
-did not learn in 320 SFT steps). 18 x 18 = 324 operand pairs in all. Everything is deterministic in ``seed``:
+2-digit numbers above 29 that the tokenizer keeps as one token (36 of them: 1,260 ordered pairs),
+and results (0..28) are single tokens that never occur as operands: the result to copy is the one
+number below 29 in the context. Everything is deterministic in ``seed``:
 
 * ``corpus/``, ``tokenizer/``: the demo tokenizer (``data_prep demo``'s, with the <tool_call> tokens).
 * ``sft/train.parquet``: the warm start. ``explicit_examples`` tool-use demonstrations of prompts
@@ -94,9 +92,9 @@ def direct_demo(a: int, b: int) -> list[dict[str, Any]]:
 def split_problems(
     seed: int, counts: dict[str, int], operands: list[int]
 ) -> dict[str, list[tuple[int, int]]]:
-    """Disjoint problem sets of the given sizes: pairs (a, b), a from the even-indexed operands and
-    b from the odd-indexed ones (so neither repeats the other, nor the modulus, nor any result)."""
-    pairs = [(a, b) for a in operands[0::2] for b in operands[1::2]]
+    """Disjoint problem sets of the given sizes: ordered pairs of distinct operands (never equal to
+    the modulus or to any result)."""
+    pairs = [(a, b) for a in operands for b in operands if a != b]
     if sum(counts.values()) > len(pairs):
         raise ValueError(f"{sum(counts.values())} problems from {len(pairs)} operand pairs: too many")
     random.Random(seed).shuffle(pairs)
@@ -152,10 +150,10 @@ def write_raw(
 def build_agentic_demo(
     output: Path,
     seed: int = 1234,
-    sft_examples: int = 60,
+    sft_examples: int = 200,
     tool_share: float = 0.4,
-    explicit_examples: int = 100,
-    rl_prompts: int = 100,
+    explicit_examples: int = 600,
+    rl_prompts: int = 200,
     eval_prompts: int = 64,
     seq_length: int = 512,
     tokenizer: Path | None = None,

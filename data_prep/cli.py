@@ -80,12 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("agentic-demo", help="the toy calculator tool-use task: SFT warm start + RL prompts")
     p.add_argument("--output", required=True)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--sft-examples", type=int, default=60)
+    p.add_argument("--sft-examples", type=int, default=200)
     p.add_argument(
-        "--explicit-examples", type=int, default=100, help="demos of prompts that ask for the tool"
+        "--explicit-examples", type=int, default=600, help="demos of prompts that ask for the tool"
     )
     p.add_argument("--tool-share", type=float, default=0.4, help="share of SFT demos that call the tool")
-    p.add_argument("--rl-prompts", type=int, default=100)
+    p.add_argument("--rl-prompts", type=int, default=200)
     p.add_argument("--eval-prompts", type=int, default=64)
 
     p = sub.add_parser("demo", help="build every demo artifact under one directory")

@@ -27,7 +27,7 @@ def agentic_sft(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("agentic")
     data = root / "data"
-    build_agentic_demo(data, rl_prompts=64, eval_prompts=32)
+    build_agentic_demo(data)
     run = run_stage(
         "sft",
         SFT_RECIPE,
@@ -36,7 +36,7 @@ def agentic_sft(tmp_path_factory) -> tuple[Path, Path]:
             f"data.tokenizer={data / 'tokenizer'}",
             f"data.cache_dir={data / 'cache'}",
             f"data.sft_path={data / 'sft' / 'train.parquet'}",
-            "train.train_iters=200",
+            "train.train_iters=150",
             "checkpoint.save_interval=0",
         ],
     )
