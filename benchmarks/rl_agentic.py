@@ -1,6 +1,6 @@
 """Agentic RL on the toy calculator task, end to end on CPU: data, SFT warm start, FiberPO.
 
-    OMP_NUM_THREADS=1 python benchmarks/rl_agentic.py [--root runs/agentic] [--rl-steps 40] [rl overrides ...]
+    OMP_NUM_THREADS=1 python benchmarks/rl_agentic.py [--root runs/agentic] [--rl-steps 20] [rl overrides ...]
 
 Builds ``data_prep agentic-demo`` under ROOT/data, runs recipes/sft/tiny_cpu_agentic.yaml, then
 recipes/rl/tiny_cpu_agentic.yaml, and prints the greedy held-out evaluation (pass@1: episodes
@@ -31,7 +31,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--root", default="runs/agentic")
-    parser.add_argument("--rl-steps", type=int, default=40)
+    parser.add_argument("--rl-steps", type=int, default=20)
     parser.add_argument("--skip-sft", action="store_true", help="reuse ROOT/sft/checkpoints")
     args, extra = parser.parse_known_args()
     root = Path(args.root)
