@@ -71,8 +71,8 @@ def _train(overrides: list[str]):
 def test_agentic_fiberpo_learns_to_use_the_calculator(agentic_sft, tmp_path, shutdown):
     data, sft = agentic_sft
     overrides = _rl_overrides(data, sft, tmp_path) + [
-        "train.train_iters=12",
-        "rl.eval_interval=12",
+        "train.train_iters=20",
+        "rl.eval_interval=10",
         "rl.eval_prompts=32",
         "checkpoint.save_interval=0",
     ]
@@ -97,7 +97,7 @@ def test_agentic_fiberpo_learns_to_use_the_calculator(agentic_sft, tmp_path, shu
     # replies in between are context, never scored.
     assert all(h["stage/mismatch/logprob_abs_max"] < 1e-4 for h in rollouts)
     start, end = history[0], history[-1]
-    assert end["stage/eval/at_step"] == 12.0
+    assert end["stage/eval/at_step"] == 20.0
     print(
         "eval pass@1", start["stage/eval/pass@1"], "->", end["stage/eval/pass@1"],
         "tool use", start["stage/eval/tool_use"], "->", end["stage/eval/tool_use"],
