@@ -82,9 +82,11 @@ def test_agentic_fiberpo_learns_to_use_the_calculator(agentic_sft, tmp_path, shu
     for key in (
         "stage/reward", "stage/pass@1", "stage/response_length", "stage/filtered_frac",
         "stage/turns_per_episode", "stage/tool_calls_per_episode",
-        "stage/truncated_frac", "stage/tool_use_frac", "stage/mismatch/logprob_abs_mean",
+        "stage/truncated_frac", "stage/tool_use_frac",
     ):  # fmt: skip
         assert all(key in h for h in rollouts), key
+    kept = [h for h in rollouts if h["stage/filtered_frac"] < 1.0]  # some group had reward variance
+    assert kept and all("stage/mismatch/logprob_abs_max" in h for h in kept)
     # The error rate is per call: logged by the rollouts that made calls.
     assert all(("stage/tool_error_rate" in h) == (h["stage/tool_calls_per_episode"] > 0) for h in rollouts)
     trained = [h for h in history if "stage/pg_loss" in h]
@@ -95,7 +97,7 @@ def test_agentic_fiberpo_learns_to_use_the_calculator(agentic_sft, tmp_path, shu
     assert max(h["stage/turns_per_episode"] for h in rollouts) > 1.0
     # The trainer's recomputed log-probs of the policy tokens match the engine's: the tool
     # replies in between are context, never scored.
-    assert all(h["stage/mismatch/logprob_abs_max"] < 1e-4 for h in rollouts)
+    assert all(h["stage/mismatch/logprob_abs_max"] < 1e-4 for h in kept)
     start, end = history[0], history[-1]
     assert end["stage/eval/at_step"] == 20.0
     print(
