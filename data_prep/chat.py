@@ -153,9 +153,20 @@ def parse_messages(raw: Any, path: str, line: int, key: str = "messages") -> lis
 
 
 def parse_tools(tools: Any, path: str, line: int) -> list[dict[str, Any]] | None:
-    """The optional ``tools`` list (OpenAI function schemas), rendered into the system turn."""
+    """The optional ``tools`` list (OpenAI function schemas, or names of the agentic RL tools
+    registered in joyai_megatron/rl/agentic/tools.py, expanded into their schemas), rendered into
+    the system turn."""
+    if isinstance(tools, list) and any(isinstance(t, str) for t in tools):
+        from joyai_megatron.rl.agentic.tools import available_tools, get_tool
+
+        unknown = [t for t in tools if isinstance(t, str) and t not in available_tools()]
+        if unknown:
+            raise BadRecord(
+                path, line, "bad_messages", f"unknown tool {unknown[0]!r}; registered: {available_tools()}"
+            )
+        tools = [get_tool(t).schema() if isinstance(t, str) else t for t in tools]
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise BadRecord(path, line, "bad_messages", "'tools' must be a list of objects")
+        raise BadRecord(path, line, "bad_messages", "'tools' must be a list of objects or tool names")
     return tools or None
 
 

@@ -77,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("blend", help="validate a blend YAML and print Megatron's --data-path")
     p.add_argument("path")
 
+    p = sub.add_parser("agentic-demo", help="the toy calculator tool-use task: SFT warm start + RL prompts")
+    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--sft-examples", type=int, default=200)
+    p.add_argument(
+        "--explicit-examples", type=int, default=600, help="demos of prompts that ask for the tool"
+    )
+    p.add_argument("--tool-share", type=float, default=0.4, help="share of SFT demos that call the tool")
+    p.add_argument("--rl-prompts", type=int, default=200)
+    p.add_argument("--eval-prompts", type=int, default=64)
+
     p = sub.add_parser("demo", help="build every demo artifact under one directory")
     p.add_argument("--output", required=True)
     p.add_argument("--seq-length", type=int, default=512)
@@ -114,6 +125,18 @@ def run(args: argparse.Namespace) -> object:
         from data_prep.train_tokenizer import train_tokenizer
 
         return {"tokenizer": str(train_tokenizer(args.input, args.output, args.vocab_size))}
+    if args.command == "agentic-demo":
+        from data_prep.agentic_demo import build_agentic_demo
+
+        return build_agentic_demo(
+            Path(args.output),
+            seed=args.seed,
+            sft_examples=args.sft_examples,
+            explicit_examples=args.explicit_examples,
+            tool_share=args.tool_share,
+            rl_prompts=args.rl_prompts,
+            eval_prompts=args.eval_prompts,
+        )
     if args.command == "make-corpus":
         from data_prep.demo import make_corpus
 
@@ -124,7 +147,13 @@ def run(args: argparse.Namespace) -> object:
 
         prepare = prepare_sft if args.command == "sft" else prepare_dpo
         return prepare(
-            args.input, args.tokenizer, args.output, args.seq_length, args.on_error, args.engine, _limits(args)
+            args.input,
+            args.tokenizer,
+            args.output,
+            args.seq_length,
+            args.on_error,
+            args.engine,
+            _limits(args),
         )
     if args.command == "rl":
         from data_prep.rl import prepare_rl

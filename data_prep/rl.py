@@ -1,11 +1,14 @@
 """``data_prep rl``: prompts with reference answers (or tests) -> rendered, tokenized RL prompts.
 
 Input records: ``prompt`` (string, one user turn) or ``messages`` (ending before the reply),
-``answer`` and/or ``tests``, optional ``verifier``, ``domain``, ``id``, ``enable_thinking``.
+``answer`` and/or ``tests``, optional ``verifier``, ``domain``, ``id``, ``enable_thinking``, and
+for agentic (multi-turn) RL ``tools``: OpenAI function schemas, or names of registered tools
+(``calculator``, ``python``: rl/agentic/tools.py) that are expanded into their schemas.
 Output JSONL, one object per prompt:
-``{"id", "prompt", "prompt_ids", "answer", "tests", "verifier", "domain", "enable_thinking"}``
-where ``prompt`` is the chat-template rendering with the generation prompt appended and
-``prompt_ids`` its token ids.
+``{"id", "prompt", "prompt_ids", "answer", "tests", "verifier", "domain", "enable_thinking", "tools"}``
+where ``prompt`` is the chat-template rendering (tools listed in the system turn) with the
+generation prompt appended, ``prompt_ids`` its token ids, and ``tools`` the tool names the
+episode's environment may execute (null for single-turn prompts).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class RLPrompt:
     verifier: str
     domain: str
     enable_thinking: bool
+    tools: list[str] | None = None
 
 
 def _field(record: dict[str, Any], key: str, default: str | None, path: str, line: int) -> str:
@@ -63,6 +67,12 @@ def _conversation(record: dict[str, Any], path: str, line: int, thinking: bool) 
     if not isinstance(enable, bool):
         raise BadRecord(path, line, "bad_messages", "'enable_thinking' must be true or false")
     return Conversation(messages, parse_tools(record.get("tools"), path, line), enable)
+
+
+def _tool_names(conversation: Conversation) -> list[str] | None:
+    if not conversation.tools:
+        return None
+    return [t.get("function", t).get("name") for t in conversation.tools]
 
 
 def prepare_rl(
@@ -106,6 +116,7 @@ def prepare_rl(
                         "verifier": _field(record, "verifier", default_verifier, path, line),
                         "domain": _field(record, "domain", default_domain, path, line),
                         "enable_thinking": conversation.enable_thinking,
+                        "tools": _tool_names(conversation),
                     }
                 )
             except BadRecord as err:

@@ -183,6 +183,20 @@ class DPOCfg:
 
 
 @dataclass
+class AgenticCfg:
+    """Multi-turn rollouts with tool calls (rl/agentic/, docs/rl.md section 11)."""
+
+    enabled: bool = False
+    tools: list[str] = field(default_factory=lambda: ["calculator"])  # registered tools the episodes may call
+    max_turns: int = 4  # assistant turns per episode (a tool call at the last one truncates it)
+    turn_timeout_s: float = 10.0  # tool execution per turn
+    total_timeout_s: float = 300.0  # wall clock per episode
+    truncated_reward: float = 0.0  # score of an episode that ended without an answer
+    advantage_level: str = "trajectory"  # trajectory | turn
+    tool_error_penalty: float = 0.0  # per failed tool call, charged to its turn (advantage_level: turn)
+
+
+@dataclass
 class RLCfg:
     loss: str = "fiberpo"  # fiberpo | fiberpo_domain | grpo | gspo
     # FiberPO budgets: the defaults of rl/fiberpo.py (reasoning in docs/fiberpo.md, section 3).
@@ -223,6 +237,7 @@ class RLCfg:
     eval_path: str | None = None  # held-out prompts (data_prep rl output) for greedy pass@1
     eval_interval: int = 0  # steps between evaluations (0: off); also before step 1 and at the end
     eval_prompts: int = 64
+    agentic: AgenticCfg = field(default_factory=AgenticCfg)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from joyai_megatron.rl.advantages import group_advantages
+from joyai_megatron.rl.agentic.episodes import EpisodeInfo
 from joyai_megatron.rl.prompts import Prompt
 from joyai_megatron.rl.rewards.pool import score_all
 from joyai_megatron.rl.rollout.base import Sample
@@ -33,6 +34,11 @@ class Trajectory:
     domain: int
     advantage: float = 0.0
     routed_experts: torch.Tensor | None = None  # Sample.routed_experts (R3)
+    # Multi-turn (agentic) trajectories: 1 on the policy's response tokens, 0 on tool replies; the
+    # episode's record; per-token advantages when rl.agentic.advantage_level is "turn".
+    response_mask: list[int] | None = None
+    episode: EpisodeInfo | None = None
+    token_advantages: list[float] | None = None
 
 
 @dataclass
@@ -46,6 +52,22 @@ class RolloutStats:
     stopped: float = 0.0
     groups: float = 0.0
     groups_kept: float = 0.0
+    # Multi-turn episodes only (zero otherwise): sums over episodes.
+    episodes: float = 0.0
+    turns: float = 0.0
+    tool_calls: float = 0.0
+    tool_errors: float = 0.0
+    truncated: float = 0.0
+    clean_tool_use: float = 0.0  # episodes that called a tool and no call failed
+
+    def add_episodes(self, trajectories: list[Trajectory]) -> None:
+        for info in (t.episode for t in trajectories if t.episode is not None):
+            self.episodes += 1
+            self.turns += info.turns
+            self.tool_calls += info.tool_calls
+            self.tool_errors += info.tool_errors
+            self.truncated += info.truncated is not None
+            self.clean_tool_use += info.tool_calls > 0 and info.tool_errors == 0
 
 
 def score(
@@ -81,14 +103,27 @@ def assign_advantages(
     scale_by_std: bool,
     filter_zero_variance: bool,
     stop_token_ids: tuple[int, ...],
+    turn_penalty: float | None = None,
 ) -> tuple[list[Trajectory], RolloutStats]:
-    """Group-normalised advantages; returns the kept trajectories and the rollout statistics."""
+    """Group-normalised advantages; returns the kept trajectories and the rollout statistics.
+    With ``turn_penalty`` (multi-turn, per-turn advantages; rl/agentic/advantages.py) each
+    trajectory also gets per-token advantages and groups are judged by their episode returns."""
     stats = RolloutStats()
     if not trajectories:
         return [], stats
     rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float64)
+    signal = rewards
+    if turn_penalty is not None:
+        from joyai_megatron.rl.agentic.advantages import per_turn_advantages
+
+        infos = [t.episode or EpisodeInfo(turns=1) for t in trajectories]
+        signal, tokens = per_turn_advantages(
+            rewards.tolist(), infos, group_size, turn_penalty, scale_by_std=scale_by_std
+        )
+        for traj, values in zip(trajectories, tokens, strict=True):
+            traj.token_advantages = values
     adv = group_advantages(
-        rewards, group_size, scale_by_std=scale_by_std, filter_zero_variance=filter_zero_variance
+        signal, group_size, scale_by_std=scale_by_std, filter_zero_variance=filter_zero_variance
     )
     kept = []
     for traj, a, keep in zip(trajectories, adv.advantages.tolist(), adv.keep.tolist(), strict=True):
@@ -103,6 +138,7 @@ def assign_advantages(
         sum(bool(t.response_ids) and t.response_ids[-1] in stop_token_ids for t in trajectories)
     )
     stats.groups, stats.groups_kept = float(adv.num_groups), float(adv.num_kept_groups)
+    stats.add_episodes(trajectories)
     return kept, stats
 
 
@@ -126,7 +162,9 @@ def _row(traj: Trajectory | None, seq_length: int, pad_id: int) -> dict[str, tor
         raise ValueError(f"trajectory of {length} tokens exceeds train.seq_length={seq_length}")
     tokens[:length] = torch.tensor(traj.prompt_ids + traj.response_ids)
     labels[: length - 1] = tokens[1:length]
-    mask[p - 1 : length - 1] = 1.0
+    mask[p - 1 : length - 1] = (
+        1.0 if traj.response_mask is None else torch.tensor(traj.response_mask, dtype=torch.float32)
+    )
     rollout_lp[p - 1 : length - 1] = torch.tensor(traj.rollout_logprobs, dtype=torch.float32)
     position[length:] = torch.arange(seq_length - length)  # the padding is a segment of its own
     return {
@@ -151,7 +189,9 @@ def micro_batches(
     capacity = num_microbatches * micro_batch_size
     # With rollout routing (R3) every micro-batch carries a routing tensor, an all-padding one
     # included (all UNSET: its routers spread the filler tokens round-robin, as padding elsewhere).
-    route_shape = next((tuple(t.routed_experts.shape[1:]) for t in trajectories if t.routed_experts is not None), None)
+    route_shape = next(
+        (tuple(t.routed_experts.shape[1:]) for t in trajectories if t.routed_experts is not None), None
+    )
     if len(trajectories) > capacity:
         raise ValueError(f"{len(trajectories)} trajectories exceed the mini-batch capacity {capacity}")
     slots: list[Trajectory | None] = list(trajectories) + [None] * (capacity - len(trajectories))
@@ -160,13 +200,29 @@ def micro_batches(
         rows = slots[k * micro_batch_size : (k + 1) * micro_batch_size]
         built = [_row(t, seq_length, pad_id) for t in rows]
         batch = {key: torch.stack([b[key] for b in built]) for key in built[0]}
-        batch["advantages"] = torch.tensor([t.advantage if t else 0.0 for t in rows], dtype=torch.float32)
+        batch["advantages"] = _advantages(rows, seq_length)
         batch["group_ids"] = torch.tensor([t.group if t else -1 - i for i, t in enumerate(rows)])
         batch["domain_ids"] = torch.tensor([t.domain if t else -1 for t in rows])
         batch["mb_index"] = torch.tensor(first_index + k)
         if route_shape is not None:
             batch["routed_experts"] = _routes(rows, seq_length, route_shape)
         out.append(batch)
+    return out
+
+
+def _advantages(rows: list[Trajectory | None], seq_length: int) -> torch.Tensor:
+    """[rows] sequence advantages, or [rows, seq_length] aligned like ``loss_mask`` when any row
+    carries per-token (per-turn) advantages."""
+    if not any(t is not None and t.token_advantages is not None for t in rows):
+        return torch.tensor([t.advantage if t else 0.0 for t in rows], dtype=torch.float32)
+    out = torch.zeros(len(rows), seq_length)
+    for i, t in enumerate(rows):
+        if t is None:
+            continue
+        p, values = len(t.prompt_ids), t.token_advantages
+        if values is None:
+            values = [t.advantage] * len(t.response_ids)
+        out[i, p - 1 : p - 1 + len(values)] = torch.tensor(values, dtype=torch.float32)
     return out
 
 

@@ -24,6 +24,8 @@ class Prompt:
     reference: str  # the answer, or the tests joined by newlines (code verifier)
     verifier: str
     domain: str
+    enable_thinking: bool = True
+    tools: tuple[str, ...] | None = None  # agentic prompts: the tools its environment executes
 
 
 def load_prompts(path: str | Path, vocab_size: int) -> list[Prompt]:
@@ -43,7 +45,17 @@ def load_prompts(path: str | Path, vocab_size: int) -> list[Prompt]:
             )
         tests = record.tests
         reference = record.answer if record.answer is not None else "\n".join(map(str, tests or []))
-        prompts.append(Prompt(record.id, list(record.prompt_ids), reference, record.verifier, record.domain))
+        prompts.append(
+            Prompt(
+                record.id,
+                list(record.prompt_ids),
+                reference,
+                record.verifier,
+                record.domain,
+                record.enable_thinking,
+                tuple(record.tools) if record.tools else None,
+            )
+        )
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts

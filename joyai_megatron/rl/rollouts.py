@@ -150,7 +150,12 @@ class RolloutManager:
             scale_by_std=self.rl.normalize_std,
             filter_zero_variance=self.rl.filter_zero_variance,
             stop_token_ids=self.stop_ids,
+            turn_penalty=self.turn_penalty(),
         )
+
+    def turn_penalty(self) -> float | None:
+        """Per-turn advantages' tool-error penalty (multi-turn managers only)."""
+        return None
 
     def _broadcast(self, trajectories: list[Trajectory]) -> list[Trajectory]:
         if dist.get_world_size(self.mp_group) == 1:
@@ -185,22 +190,30 @@ class RolloutManager:
         self.sync(model, iteration)
         per_rank = -(-len(prompts) // self.dp_size)
         mine = prompts[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
-        totals = [0.0, 0.0, 0.0]
+        totals: dict[str, float] = {}
         if self.is_generator and mine:
             greedy = SamplingParams(self.rl.max_new_tokens, 0.0, 1.0, self.stop_ids, self.tokenizer.pad)
-            gens = self.engine.generate([p.token_ids for p in mine], 1, greedy, seed=0)
-            jobs = [
-                (self._reward_fn(p), self.decode(s.token_ids), p.reference)
-                for p, (s,) in zip(mine, gens, strict=True)
-            ]
-            rewards = score_all(jobs)
-            totals = [sum(rewards), sum(float(r >= 1.0) for r in rewards), float(len(rewards))]
-        if dist.get_rank(parallel_state.get_model_parallel_group()) != 0:
-            totals = [0.0, 0.0, 0.0]
+            totals = self.eval_totals(mine, greedy)
         out: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(out, totals)
-        reward, solved, count = (sum(t[i] for t in out) for i in range(3))
-        return {"eval/reward": reward / max(count, 1), "eval/pass@1": solved / max(count, 1)}
+        keys = sorted({k for t in out for k in t})
+        summed = {k: sum(t.get(k, 0.0) for t in out) for k in keys}
+        count = max(summed.pop("count", 0.0), 1.0)
+        return {f"eval/{k}": v / count for k, v in summed.items()}
+
+    def eval_totals(self, prompts: list[Prompt], greedy: SamplingParams) -> dict[str, float]:
+        """Sums over this rank's held-out prompts (``count`` is the divisor of every other key)."""
+        gens = self.engine.generate([p.token_ids for p in prompts], 1, greedy, seed=0)
+        jobs = [
+            (self._reward_fn(p), self.decode(s.token_ids), p.reference)
+            for p, (s,) in zip(prompts, gens, strict=True)
+        ]
+        rewards = score_all(jobs)
+        return {
+            "reward": sum(rewards),
+            "pass@1": sum(float(r >= 1.0) for r in rewards),
+            "count": float(len(rewards)),
+        }
 
     def shutdown(self) -> None:
         if self.pending is not None and self.is_generator:

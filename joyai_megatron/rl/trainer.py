@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from joyai_megatron.config.schema import Recipe
+from joyai_megatron.rl.agentic.env import check_agentic_config
 from joyai_megatron.rl.objective import check_rl_config
 from joyai_megatron.rl.replay import replay_mode
 from joyai_megatron.rl.rewards.code_tests import CODE_REWARDS
@@ -56,6 +57,8 @@ def check_rl_recipe(recipe: Recipe) -> None:
         )
     if rl.eval_interval and not rl.eval_path:
         raise ValueError("rl.eval_interval > 0 needs rl.eval_path")
+    if rl.agentic.enabled:
+        check_agentic_config(rl)
     samples = rl.prompts_per_step * rl.group_size
     if rl.steps_per_rollout < 1 or samples % rl.steps_per_rollout:
         raise ValueError(

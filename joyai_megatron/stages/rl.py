@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 
+from joyai_megatron.rl.agentic.rollouts import AgenticRolloutManager
 from joyai_megatron.rl.batch import micro_batches, split_evenly
 from joyai_megatron.rl.logprobs import token_entropy, token_logprobs
 from joyai_megatron.rl.objective import policy_loss, token_regimes
@@ -106,7 +107,8 @@ class RLStage(Stage):
                 reference_from_checkpoint(trainer, r.checkpoint.load) if resumed else snapshot(trainer.model)
             )
         pass_rates = self._saved.get("pass_rates")
-        self.manager = RolloutManager(r, self.arch, self.tokenizer, self.prompts, None, self.total_rollouts)  # type: ignore[arg-type]
+        manager_class = AgenticRolloutManager if rl.agentic.enabled else RolloutManager
+        self.manager = manager_class(r, self.arch, self.tokenizer, self.prompts, None, self.total_rollouts)  # type: ignore[arg-type]
         if rl.curriculum and pass_rates is None:
             pass_rates = (
                 read_pass_rates(rl.pass_rates, self.prompts)
@@ -156,6 +158,12 @@ class RLStage(Stage):
             m.add("response_length", stats.response_tokens, stats.samples)
             m.add("stop_frac", stats.stopped, stats.samples)
             m.add("filtered_frac", stats.groups - stats.groups_kept, stats.groups)
+            if stats.episodes:  # multi-turn episodes (rl.agentic)
+                m.add("turns_per_episode", stats.turns, stats.episodes)
+                m.add("tool_calls_per_episode", stats.tool_calls, stats.episodes)
+                m.add("tool_error_rate", stats.tool_errors, stats.tool_calls)
+                m.add("truncated_frac", stats.truncated, stats.episodes)
+                m.add("tool_use_frac", stats.clean_tool_use, stats.episodes)
             for key, value in self.manager.sampler.metrics(rollout).items():
                 m.add(f"curriculum/{key}", value, 1.0)
         for key, value in self.manager.timings.items():
@@ -270,7 +278,7 @@ class RLStage(Stage):
             weight = torch.where(
                 mask, (old - behaviour).exp().clamp(max=self.rl.tis_clip), torch.zeros_like(old)
             )
-            adv = adv[:, None] * weight
+            adv = (adv if adv.dim() == 2 else adv[:, None]) * weight
         loss, metrics = policy_loss(
             self.rl,
             logprobs,

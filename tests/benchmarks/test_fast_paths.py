@@ -375,7 +375,9 @@ def test_grouped_experts_accumulate_into_ddp_main_grads(one_rank) -> None:
         batches.append(pack_batch(tokens, tokens.roll(-1, dims=1), torch.ones(2, 32), positions))
     wrapped = []
     for model in (sequential, grouped):
-        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+        ddp = DistributedDataParallel(
+            model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model
+        )
         ddp.zero_grad_buffer()
         for packed in batches:
             _forward_backward(ddp, packed)

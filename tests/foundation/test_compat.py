@@ -153,7 +153,9 @@ def test_local_mla_down_projections_are_replicated(single_process) -> None:
 
     init_single_process()
     model = build_megatron_model(get_preset("tiny"), mtp=True)
-    down = [(n, m) for n, m in model.named_modules() if n.endswith(("linear_q_down_proj", "linear_kv_down_proj"))]
+    down = [
+        (n, m) for n, m in model.named_modules() if n.endswith(("linear_q_down_proj", "linear_kv_down_proj"))
+    ]
     assert len(down) == 2 * (get_preset("tiny").num_layers + 1)  # 3 decoder layers + the MTP layer
     assert multi_latent_attention.Linear is ReplicatedLinear
     for name, module in down:

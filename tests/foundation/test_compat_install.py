@@ -77,7 +77,9 @@ def _megatron_names(tree: ast.Module) -> set[str]:
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("megatron"):
             names.update(a.asname or a.name for a in node.names)
         elif isinstance(node, ast.Import):
-            names.update((a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("megatron"))
+            names.update(
+                (a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("megatron")
+            )
     return names
 
 

@@ -67,7 +67,9 @@ def _grads(trainer) -> dict[str, torch.Tensor]:
 
 
 def _expert_bias(trainer) -> torch.Tensor:
-    return torch.stack([r.expert_bias.detach().to("cpu", torch.float32, copy=True) for r in trainer._routers()])
+    return torch.stack(
+        [r.expert_bias.detach().to("cpu", torch.float32, copy=True) for r in trainer._routers()]
+    )
 
 
 def _saved_bytes(trainer, batch: dict[str, torch.Tensor]) -> int:

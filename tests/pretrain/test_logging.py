@@ -17,7 +17,14 @@ def test_interval_means_average_only_the_losses() -> None:
         {"loss": 2.0, "lm_loss": 1.0, "mtp_loss": 5.0, "grad_norm": 7.0, "lr": 0.5},
     ]
     got = interval_means(window)
-    assert got == {"loss": 3.0, "lm_loss": 2.0, "mtp_loss": 5.0, "grad_norm": 7.0, "lr": 0.5, "interval_steps": 2.0}
+    assert got == {
+        "loss": 3.0,
+        "lm_loss": 2.0,
+        "mtp_loss": 5.0,
+        "grad_norm": 7.0,
+        "lr": 0.5,
+        "interval_steps": 2.0,
+    }
     assert window[-1]["loss"] == 2.0  # the step's own record is left alone
 
 

@@ -212,7 +212,12 @@ def test_stage4_counts_the_context_parallel_attention(stage: str, cp: int) -> No
     TE's p2p ring adds to a layer's working set every K/V step it receives (max(cp, 4) copies of
     the rank's K/V) and keeps one received step plus fp32 softmax statistics for backward."""
     recipe, arch, layout = _layout(f"recipes/pretrain/joyai_48b_a3b/{stage}.yaml", 256)
-    assert (layout.cp, layout.dp, recipe.parallel.cp_comm_type, recipe.model.backend) == (cp, 256 // (2 * cp), "p2p", "te")
+    assert (layout.cp, layout.dp, recipe.parallel.cp_comm_type, recipe.model.backend) == (
+        cp,
+        256 // (2 * cp),
+        "p2p",
+        "te",
+    )
     tokens = recipe.train.seq_length // cp
     assert tokens == 16384
     s = plan.ActivationSetting(tokens, 2, 1, 1, False, "full", frozenset(), False, cp=cp)

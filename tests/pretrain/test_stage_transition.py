@@ -121,7 +121,12 @@ def test_weights_only_load_refreshes_the_optimizer_main_params(tmp_path: Path) -
         "precision.dtype=bf16",
     ]
     base = REPO / "recipes/pretrain/tiny_cpu/stage1.yaml"
-    first = [*common, "train.train_iters=2", "train.rampup_batch_size=null", f"checkpoint.dir={tmp_path / 's1'}"]
+    first = [
+        *common,
+        "train.train_iters=2",
+        "train.rampup_batch_size=null",
+        f"checkpoint.dir={tmp_path / 's1'}",
+    ]
     try:
         Trainer(load_recipe(base, [*first, f"logging.dir={tmp_path / 'l1'}"]), PretrainStage).train()
         shutdown()
@@ -129,8 +134,16 @@ def test_weights_only_load_refreshes_the_optimizer_main_params(tmp_path: Path) -
         fresh_weights = [p.detach().float().clone() for p in fresh.model[0].parameters()]
         shutdown()
         for load_optimizer in ("false", "true"):
-            run = [*common, f"checkpoint.dir={tmp_path / load_optimizer}", f"checkpoint.load={tmp_path / 's1'}"]
-            overrides = [*run, f"checkpoint.load_optimizer={load_optimizer}", f"logging.dir={tmp_path / 'l2'}"]
+            run = [
+                *common,
+                f"checkpoint.dir={tmp_path / load_optimizer}",
+                f"checkpoint.load={tmp_path / 's1'}",
+            ]
+            overrides = [
+                *run,
+                f"checkpoint.load_optimizer={load_optimizer}",
+                f"logging.dir={tmp_path / 'l2'}",
+            ]
             trainer = Trainer(load_recipe(base, overrides), PretrainStage)
             assert trainer.resumed_from
             loaded = [p.detach().float() for p in trainer.model[0].parameters()]

@@ -17,14 +17,18 @@ N = 4
 
 
 def _start(recipe: Path, overrides: list[str]) -> subprocess.Popen:
-    return start_joyai("pretrain", recipe, overrides, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start_joyai(
+        "pretrain", recipe, overrides, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (rc={proc.returncode}) before the condition:\n{proc.stdout.read()[-4000:]}")
+            raise AssertionError(
+                f"run ended (rc={proc.returncode}) before the condition:\n{proc.stdout.read()[-4000:]}"
+            )
         if time.time() > deadline:
             kill_run(proc)
             raise AssertionError("timed out waiting for the run")
@@ -52,7 +56,12 @@ def test_sigkill_resume_is_bitwise_identical(tmp_path, optimizer):
     proc.wait()
     assert latest_iteration(ckpt) == N, "the run finished before it could be killed"
 
-    assert run_joyai("pretrain", killed, [f"train.train_iters={2 * N}", f"checkpoint.save_interval={N}"]).returncode == 0
+    assert (
+        run_joyai(
+            "pretrain", killed, [f"train.train_iters={2 * N}", f"checkpoint.save_interval={N}"]
+        ).returncode
+        == 0
+    )
     resumed = [m for m in read_metrics(tmp_path / "killed" / "logs") if m["step"] > N][-N:]
     assert [m["step"] for m in resumed] == list(range(N + 1, 2 * N + 1))
     for m in resumed:
@@ -83,7 +92,9 @@ def test_kill_during_checkpoint_write_never_leaves_a_resumable_partial(tmp_path)
     recipe = write_mock_recipe(tmp_path / "run", train={"seq_length": 256})
     ckpt = tmp_path / "run" / "ckpt"
     for delay in (0.0, 0.15, 0.3):
-        proc = _start(recipe, ["train.train_iters=400", "checkpoint.save_interval=1", "checkpoint.keep_last=2"])
+        proc = _start(
+            recipe, ["train.train_iters=400", "checkpoint.save_interval=1", "checkpoint.keep_last=2"]
+        )
         start = latest_iteration(ckpt) or 0
         _wait_for(lambda start=start: (latest_iteration(ckpt) or 0) > start, proc)
         time.sleep(delay)

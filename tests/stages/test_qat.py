@@ -317,7 +317,12 @@ def test_full_recompute_trains_behind_a_frozen_embedding(memorized: dict) -> Non
     checkpoint never re-runs a layer block whose input needs no gradient, so without the trainer's
     embedding hook the decoder got no gradient at all (grad norm 0.03 instead of 0.19, routers
     counting no tokens).  Full recompute must train exactly like no recompute."""
-    common = ["qat.compare=false", "train.eval_interval=0", "train.train_iters=2", "checkpoint.save_interval=0"]
+    common = [
+        "qat.compare=false",
+        "train.eval_interval=0",
+        "train.train_iters=2",
+        "checkpoint.save_interval=0",
+    ]
     runs = {
         mode: qat_run(memorized, f"recompute_{mode}", *common, f"model.recompute={mode}")
         for mode in ("none", "full")
