@@ -9,7 +9,7 @@ the memorisation corpus, then ``recipes/qat/joyai_48b_a3b_int4.yaml`` from it, t
 compressed-tensors and unified exports with ``--verify-logits``.  docs/qat.md records the numbers.
 
 ``flow()`` takes the arch overrides so the same sequence can be smoke-tested on CPU with a smaller
-model (``python tests/gpu/test_qat_gpu.py --cpu-smoke``).
+model (``python -m tests.gpu.test_qat_gpu --cpu-smoke``).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def test_qat_at_joyai_widths_on_gpu(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--cpu-smoke"]:
-        raise SystemExit("usage: python tests/gpu/test_qat_gpu.py --cpu-smoke")
+        raise SystemExit("usage: python -m tests.gpu.test_qat_gpu --cpu-smoke")
     import tempfile
 
     small = [

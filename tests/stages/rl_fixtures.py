@@ -148,7 +148,7 @@ def run_rl_ranks(recipe: Path, overrides: list[str], nproc: int, timeout: int = 
 
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-port", str(free_port()), __file__, "rl", str(recipe), *overrides,
+        "--master-port", str(free_port()), "-m", "tests.stages.rl_fixtures", "rl", str(recipe), *overrides,
     ]  # fmt: skip
     result = subprocess.run(
         command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout
