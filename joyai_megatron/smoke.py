@@ -5,8 +5,8 @@ gather, async checkpoints) is run *as shipped* except for what one device cannot
 have: the depth (``--layers``, default 2: the dense layer and one MoE layer, at the real widths), the
 layout (TP/PP/EP/CP = 1, so DP = 1; the GPU holds the experts one EP rank of the shipped layout
 holds, e.g. 256 / EP 8 = 32), the sequence length (capped at ``--max-seq-length``), the batch
-(``--global-batch`` rows) and the data (the bundled demo data, built here by ``data_prep demo``, and
-its tokenizer's vocabulary, ``--vocab-size``);
+(``--global-batch`` rows) and the data (the bundled demo data, built here by ``data_prep demo``, the tool-use prompts of
+``data_prep agentic-demo`` for agentic RL, and the demo tokenizer's vocabulary, ``--vocab-size``);
 RL rolls out with the ``local`` engine (vLLM/SGLang are not installed on every GPU machine), and
 a post-training stage starts from fresh weights rather than the previous stage's checkpoint.
 Each recipe runs in its own process (a fresh CUDA context); the command exits 1 if any failed,
@@ -104,11 +104,13 @@ def demo_data_overrides(recipe: Recipe, data: Path, global_batch: int) -> list[s
         ]
     if stage == "rl":
         group = 4
+        # Agentic recipes roll out multi-turn episodes with tools: their prompts offer the tools.
+        prompts = data / "agentic" / "rl" if recipe.rl.agentic.enabled else data / "rl"
         return [
             *common,
             "data.blend=null",
-            f"data.rl_path={data / 'rl' / 'train.jsonl'}",
-            f"rl.eval_path={data / 'rl' / 'eval.jsonl'}",
+            f"data.rl_path={prompts / 'train.jsonl'}",
+            f"rl.eval_path={prompts / 'eval.jsonl'}",
             "rl.rollout_backend=local",
             "rl.async_rollout=false",
             "rl.pass_rates=null",
@@ -256,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         from data_prep.demo import build_demo
 
         build_demo(data, progress=False)
+    if not (data / "agentic" / "rl" / "train.jsonl").is_file() and any(
+        load_recipe(path, list(args.overrides)).rl.agentic.enabled for path in args.recipes
+    ):
+        from data_prep.agentic_demo import build_agentic_demo
+
+        build_agentic_demo(data / "agentic", tokenizer=data / "tokenizer")
     results = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_one, recipe_path, data, args) for recipe_path in args.recipes]

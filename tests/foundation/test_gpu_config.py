@@ -130,3 +130,6 @@ def test_smoke_puts_each_gpu_recipe_on_one_device(path: Path, tmp_path: Path) ->
     assert recipe.optim == shipped.optim and recipe.parallel.distributed_optimizer
     assert recipe.checkpoint.async_save == shipped.checkpoint.async_save
     check_gpu_config(arch, recipe.model, recipe.parallel, recipe.precision)
+    if recipe.stage == "rl":  # agentic recipes roll out on the tool-use prompts
+        prompts = tmp_path / "data" / ("agentic/rl" if shipped.rl.agentic.enabled else "rl")
+        assert recipe.data.rl_path == str(prompts / "train.jsonl")
