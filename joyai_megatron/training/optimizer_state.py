@@ -77,7 +77,9 @@ class OptimizerLoad:
         """Put the loaded tensors and the saved AdamW step into the structure and load it."""
         for i, (container, key) in enumerate(self._slots):
             container[key] = loaded_tensors[str(i)]
-        _set_adam_step(self.structure, saved_adam_step(saved_optimizer))
+        _set_adam_step(
+            self.structure, saved_adam_step(saved_optimizer), per_param=_adam_step_per_param(self.optimizer)
+        )
         self.optimizer.load_state_dict(self.structure)
 
 
@@ -129,18 +131,50 @@ def saved_adam_step(saved_optimizer: Any) -> float | None:
     return steps.pop() if steps else None
 
 
-def _set_adam_step(tree: Any, step: float | None) -> None:
+def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside Megatron-Core's wrappers (chains, ZeRO-1, mixed precision)."""
+    found: list[torch.optim.Optimizer] = []
+    stack, seen = [optimizer], set()
+    while stack:
+        opt = stack.pop()
+        if opt is None or id(opt) in seen:
+            continue
+        seen.add(id(opt))
+        if isinstance(opt, torch.optim.Optimizer):
+            found.append(opt)
+        elif hasattr(opt, "chained_optimizers"):  # its `.optimizer` asserts a chain of one
+            stack.extend(opt.chained_optimizers)
+        else:
+            stack.append(getattr(opt, "optimizer", None))
+    return found
+
+
+def _adam_step_per_param(optimizer: Any) -> bool:
+    """Whether this run's AdamW counts steps per parameter (torch's) or per param group (the fused
+    Adams of Transformer Engine and Apex, which Megatron-Core picks whenever one is installed: their
+    ``load_state_dict`` accepts only tensor state per parameter, so a per-parameter ``step`` fails
+    there with ``KeyError: 'step'``, found by the first stage-2 smoke run on an H200)."""
+    adams = [o for o in _torch_optimizers(optimizer) if any("betas" in g for g in o.param_groups)]
+    return all(isinstance(o, torch.optim.Adam | torch.optim.AdamW) for o in adams)
+
+
+def _set_adam_step(tree: Any, step: float | None, *, per_param: bool) -> None:
     """Write ``step`` wherever this run's structure keeps an AdamW step: the per-parameter states
-    holding ``exp_avg`` (torch's Adam) and the param groups of ZeRO-1 and fused Adams."""
+    holding ``exp_avg`` (torch's Adam), else the AdamW param groups (fused Adams; ZeRO-1 keeps it in
+    its param groups too)."""
     if isinstance(tree, list):
         for v in tree:
-            _set_adam_step(v, step)
+            _set_adam_step(v, step, per_param=per_param)
         return
     if not isinstance(tree, dict):
         return
-    if "exp_avg" in tree or isinstance(tree.get("step"), (int, float)):
-        if step is None:
-            raise RuntimeError("the checkpoint has AdamW state but no AdamW step count")
-        tree["step"] = torch.tensor(step) if "exp_avg" in tree else type(tree["step"])(step)
+    per_param_state = per_param and "exp_avg" in tree
+    adam_group = isinstance(tree.get("step"), (int, float)) or (not per_param and "betas" in tree)
+    if per_param_state and step is None:
+        raise RuntimeError("the checkpoint has AdamW state but no AdamW step count")
+    if per_param_state:
+        tree["step"] = torch.tensor(step)
+    elif adam_group and step is not None:  # None: a fused Adam saved before its first step
+        tree["step"] = type(tree["step"])(step) if "step" in tree else int(step)
     for v in tree.values():
-        _set_adam_step(v, step)
+        _set_adam_step(v, step, per_param=per_param)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import megatron.core.optimizer as mcore_optimizer
 import pytest
+import torch
 
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.stages.pretrain import PretrainStage
@@ -48,9 +50,52 @@ def test_optimizer_state_is_only_carried_between_matching_groups(family: str) ->
     assert carried >= 1
 
 
-def test_stage2_takes_stage1_optimizer_state_and_its_own_lr(tmp_path: Path) -> None:
+class GroupStepAdam(torch.optim.Optimizer):
+    """AdamW with Transformer Engine's ``FusedAdam`` contract (what Megatron-Core builds on GPUs):
+    the step count lives in the param group, and ``load_state_dict`` takes only tensor state per
+    parameter (TE looks each name up in its state-dtype table: anything else is a ``KeyError``)."""
+
+    STATE = ("exp_avg", "exp_avg_sq", "master_param")
+
+    def __init__(self, params, lr, weight_decay, betas, eps, capturable=False, adam_w_mode=True):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            (b1, b2), t = group["betas"], group["step"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+                state["exp_avg"].lerp_(p.grad, 1 - b1)
+                state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1**t))
+
+    def load_state_dict(self, state_dict):
+        for saved in state_dict["state"].values():
+            for name in saved:
+                if name not in self.STATE:
+                    raise KeyError(name)
+        super().load_state_dict(state_dict)
+
+
+@pytest.mark.parametrize("adam", ["torch", "fused"])
+def test_stage2_takes_stage1_optimizer_state_and_its_own_lr(
+    adam: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Tiny stage 1 for two steps, then stage 2 from it: Muon and AdamW state arrive, the counters
-    restart, and the first step's LR is stage 2's start (not stage 1's last)."""
+    restart, and the first step's LR is stage 2's start (not stage 1's last).  ``fused``: the AdamW
+    is one that counts steps per param group, as Transformer Engine's is on GPUs (stage 2 failed
+    there with ``KeyError: 'step'`` while our load wrote torch's per-parameter step)."""
+    if adam == "fused":
+        monkeypatch.setattr(mcore_optimizer, "USING_PYTORCH_OPTIMIZER", False)
+        monkeypatch.setattr(mcore_optimizer, "Adam", GroupStepAdam)
     common = [
         *MOCK_DATA,
         f"data.cache_dir={tmp_path / 'cache'}",
@@ -88,6 +133,11 @@ def test_stage2_takes_stage1_optimizer_state_and_its_own_lr(tmp_path: Path) -> N
         for name, leaf in leaves.items():
             inner = getattr(leaf, "optimizer", leaf)
             assert inner.state and all(inner.state.values()), f"{name} state was not loaded"
+        adam_leaf = leaves["GroupStepAdam" if adam == "fused" else "AdamW"].optimizer
+        if adam == "fused":  # the step count (bias correction) came over in the param groups
+            assert {g["step"] for g in adam_leaf.param_groups} == {2}
+        else:
+            assert {int(s["step"]) for s in adam_leaf.state.values()} == {2}
         lrs = {g["lr"] for g in second.optimizer.param_groups}
         assert lrs == {stage2.optim.lr}, (lrs, stage1_lr)
         assert stage1_lr != stage2.optim.lr  # the check above is not vacuous
