@@ -257,6 +257,9 @@ def bench_recipe(args: argparse.Namespace, out_dir: Path, train_iters: int) -> P
             "backend": args.backend,
             "mtp_enabled": args.mtp,
             "moe_grouped_gemm": args.experts == "grouped",
+            # te: the 48B recipes' dispatcher (FP8's router padding needs it: Megatron-Core refuses
+            # padding with allgather, found when every FP8 part died at config build on an H200).
+            "moe_token_dispatcher": "alltoall" if args.backend == "te" else "allgather",
             "moe_router_padding_for_fp8": bool(args.fp8_recipe),
             "recompute": args.recompute,
         },
