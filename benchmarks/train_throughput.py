@@ -468,7 +468,9 @@ def report(args: argparse.Namespace, env: dict[str, Any], peak: float, results: 
     if "te" in done:
         for name, r in done.items():
             if name.startswith("te-fp8"):
-                lines.append(f"ratio {name}/te: tokens/s {r['tokens_per_s'] / done['te']['tokens_per_s']:.2f}x")
+                lines.append(
+                    f"ratio {name}/te: tokens/s {r['tokens_per_s'] / done['te']['tokens_per_s']:.2f}x"
+                )
     for ours in ("ours", "ours-no-mtp", "ours-sequential", "te", "te-no-mtp"):
         for base in ("baseline", "baseline-eager"):
             if ours in done and base in done:

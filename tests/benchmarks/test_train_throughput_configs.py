@@ -16,7 +16,9 @@ from joyai_megatron.model.config import check_gpu_config
 from joyai_megatron.model.presets import recipe_arch
 from tests.joyai_helpers import REPO
 
-_spec = importlib.util.spec_from_file_location("train_throughput", REPO / "benchmarks" / "train_throughput.py")
+_spec = importlib.util.spec_from_file_location(
+    "train_throughput", REPO / "benchmarks" / "train_throughput.py"
+)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
