@@ -31,6 +31,7 @@ from joyai_megatron.quant import modelopt_state as mos
 from joyai_megatron.quant.formats import modelopt_config
 from joyai_megatron.training import checkpoint as ckpt
 from joyai_megatron.training.checkpoint_scan import start_point
+from joyai_megatron.training.ddp import adding_submodules
 from joyai_megatron.training.trainer import Trainer
 
 LOSS_KEY = "valid/lm_loss"
@@ -59,15 +60,17 @@ class QATTrainer(Trainer):
         chunks = super()._build_model()
         self.quant_source = self._quantized_source()
         if self.quant_source is not None:
-            for chunk in chunks:
-                mos.restore_state(ckpt.unwrap(chunk), self.quant_source)
+            with adding_submodules(chunks):
+                for chunk in chunks:
+                    mos.restore_state(ckpt.unwrap(chunk), self.quant_source)
         return chunks
 
     def _load(self) -> str | None:
         loaded = super()._load()
         if self.quant_source is None:
-            for model in self._models():
-                mos.insert_quantizers(model, self.quant_config)
+            with adding_submodules(self.model):
+                for model in self._models():
+                    mos.insert_quantizers(model, self.quant_config)
         self.quant_summary = mos.summary(self._models()[0])
         return loaded
 

@@ -21,6 +21,9 @@ production Megatron no longer takes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -91,3 +94,19 @@ def wrap_in_ddp(
             )
         )
     return wrapped
+
+
+@contextmanager
+def adding_submodules(chunks: list[torch.nn.Module]) -> Iterator[None]:
+    """Around adding submodules to DDP-wrapped chunks (ModelOpt's quantizers): with the overlapped
+    param all-gather, DDP registers a forward pre-hook on every submodule when it wraps the model
+    and asserts each still has one when a save or evaluation turns the hooks off; this takes them
+    off before the change and puts them on every submodule, new ones included, after it."""
+    hooked = [chunk for chunk in chunks if getattr(chunk, "use_forward_hook", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=False)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from joyai_megatron.convert.live import hf_named_tensors
@@ -98,3 +99,56 @@ def test_live_model_tensors_are_the_export(megatron_model, tiny_export):
     assert sorted(live) == sorted(exported)
     for name, tensor in live.items():
         assert torch.equal(tensor, exported[name]), name
+
+
+def _grad_norms_by_block(named: list[tuple[str, torch.Tensor]], layer_key: str) -> dict[str, float]:
+    """Root-sum-square of the gradients per block (embedding, each layer's attention, MLP and norms,
+    final norm, head): a block's gradient norm does not depend on how its tensors are split or
+    named, so Megatron's and transformers' can be compared without the conversion mapping."""
+    sums: dict[str, float] = {}
+    for name, grad in named:
+        parts = name.split(".")
+        if layer_key in name:
+            i = parts[parts.index("layers") + 1]
+            kind = "norm" if ("input_layernorm" in name or "pre_mlp" in name or "post_attention" in name) else (
+                "attn" if ("self_attention" in name or "self_attn" in name) else "mlp")  # fmt: skip
+            block = f"layer{i}.{kind}"
+        elif "embed" in name:
+            block = "embedding"
+        elif "output_layer" in name or "lm_head" in name:
+            block = "head"
+        else:
+            block = "final_norm"
+        sums[block] = sums.get(block, 0.0) + float(grad.double().pow(2).sum())
+    return {k: v**0.5 for k, v in sums.items()}
+
+
+def test_gradients_match_transformers(megatron_model, hf_model, tiny_ckpt):
+    """The backward pass, not only the forward: the LM loss's gradient of every block equals
+    transformers' (the local backend is what the te backend is compared against on GPUs).  Without
+    the MTP block: it adds its own loss inside ``GPTModel.forward`` even without labels."""
+    from joyai_megatron.training.checkpoint import load_model_weights
+    from joyai_megatron.training.checkpoint_model import build_megatron_model
+
+    _, arch = megatron_model
+    arch = arch.replace(mtp_num_layers=0)
+    model = build_megatron_model(arch)
+    load_model_weights(model, tiny_ckpt / "iter_0000000")
+    positions = torch.arange(IDS.shape[1]).unsqueeze(0).expand_as(IDS)
+    loss_fn = torch.nn.functional.cross_entropy
+    try:
+        logits = model(IDS, positions, None)
+        loss_fn(logits[:, :-1].flatten(0, 1), IDS[:, 1:].flatten()).backward()
+        theirs_logits = hf_model(IDS).logits
+        loss_fn(theirs_logits[:, :-1].flatten(0, 1), IDS[:, 1:].flatten()).backward()
+        ours = _grad_norms_by_block(
+            [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None], "decoder.layers."
+        )
+        theirs = _grad_norms_by_block(
+            [(n, p.grad) for n, p in hf_model.named_parameters() if p.grad is not None], "model.layers."
+        )
+    finally:
+        hf_model.zero_grad(set_to_none=True)
+    assert set(ours) == set(theirs) and len(ours) == 3 + 3 * arch.num_layers, (sorted(ours), sorted(theirs))
+    for block, norm in theirs.items():
+        assert ours[block] == pytest.approx(norm, rel=1e-4), (block, ours[block], norm)

@@ -332,6 +332,21 @@ def test_full_recompute_trains_behind_a_frozen_embedding(memorized: dict) -> Non
         assert recomputed["moe/load_max_over_min"] > 0  # the recomputed routers counted their tokens
 
 
+def test_param_gather_hooks_cover_the_quantizers(memorized: dict) -> None:
+    """The 48B recipe overlaps ZeRO-1's param all-gather (DDP forward pre-hooks on every submodule,
+    registered when DDP wraps the model). ModelOpt's quantizers are added after that; the save's
+    hook toggle then failed on them (``KeyError: TensorQuantizer(disabled)``, first QAT smoke on an
+    H200 after the toggle came in)."""
+    common = ["parallel.overlap_param_gather=true", "qat.compare=false", "train.eval_interval=0"]
+    run = qat_run(memorized, "param_gather", *common, "train.train_iters=2")
+    assert [h["step"] for h in run.history] == [1, 2]
+    assert (run.checkpoint_dir / "iter_0000002" / "modelopt_state").is_dir()
+    # Resuming restores the quantizers into the wrapped model (the other path that adds them).
+    resumed = qat_run(memorized, "param_gather", *common, "train.train_iters=3")
+    assert [h["step"] for h in resumed.history] == [3]
+    assert (resumed.checkpoint_dir / "iter_0000003" / "modelopt_state").is_dir()
+
+
 def test_resume_restores_quantizers_bitwise(memorized: dict) -> None:
     """W4AFP8 (calibrated static FP8 activation scales + INT4/FP8 weight stages): 2N steps straight
     equal N steps, a restart from the step-N checkpoint, and N more steps, bit for bit."""
