@@ -131,11 +131,13 @@ class ScriptedEngine(RolloutEngine):
     def update_weights(self, named_tensors):
         return 0
 
-    def generate(self, prompts, n, params, seed, *, record_routing=False):
+    def _sample(self, request):
         text = self.script[self.calls]
         self.calls += 1
         ids = self.encode(text) + [self.stop]
-        return [[Sample(ids, [-0.5] * len(ids), stopped=True)] for _ in prompts for _ in range(n)]
+        return [
+            [Sample(ids, [-0.5] * len(ids), stopped=True)] for _ in request.prompts for _ in range(request.n)
+        ]
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,17 @@ class Sample:
     routed_experts: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Request:
+    """One ``generate`` call, as the engines receive it."""
+
+    prompts: list[list[int]]
+    n: int
+    params: SamplingParams
+    seed: int
+    record_routing: bool = False
+
+
 class RolloutEngine(ABC):
     """A generator whose weights the trainer replaces after every optimizer step."""
 
@@ -65,7 +76,6 @@ class RolloutEngine(ABC):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load HF-checkpoint-named tensors; returns how many tensors were received."""
 
-    @abstractmethod
     def generate(
         self,
         prompts: list[list[int]],
@@ -81,15 +91,18 @@ class RolloutEngine(ABC):
         the rollouts the interrupted one drew. ``record_routing`` fills ``Sample.routed_experts``
         (engines with ``records_routing`` only).
         """
+        if record_routing and not self.records_routing:
+            raise ValueError(
+                f"the {self.name} rollout engine does not return the experts it routed tokens to "
+                "(needed by rl.routing_replay=r3); use rl.routing_replay=r2"
+            )
+        if not prompts:
+            return []
+        return self._sample(Request(prompts, n, params, seed, record_routing))
+
+    @abstractmethod
+    def _sample(self, request: Request) -> list[list[Sample]]:
+        """The engine's sampling of a non-empty request (routing recorded only if it can)."""
 
     def shutdown(self) -> None:  # noqa: B027 - engines without resources need nothing
         """Release the engine's resources (processes, GPU memory)."""
-
-
-def no_routing_record(engine: RolloutEngine, record_routing: bool) -> None:
-    """Refuse ``record_routing`` on an engine that cannot record routing."""
-    if record_routing:
-        raise ValueError(
-            f"the {engine.name} rollout engine does not return the experts it routed tokens to "
-            "(needed by rl.routing_replay=r3); use rl.routing_replay=r2"
-        )

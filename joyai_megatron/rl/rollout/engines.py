@@ -29,7 +29,7 @@ import torch
 
 from joyai_megatron.convert.hf_config import arch_to_hf_config, generation_config
 from joyai_megatron.model.presets import ModelArch
-from joyai_megatron.rl.rollout.base import RolloutEngine, Sample, SamplingParams, no_routing_record
+from joyai_megatron.rl.rollout.base import Request, RolloutEngine, Sample
 
 
 def require(package: str, backend: str) -> Any:
@@ -111,16 +111,8 @@ class VLLMEngine(RolloutEngine):
         self.llm.reset_prefix_cache()
         return count
 
-    def generate(
-        self,
-        prompts: list[list[int]],
-        n: int,
-        params: SamplingParams,
-        seed: int,
-        *,
-        record_routing: bool = False,
-    ) -> list[list[Sample]]:
-        no_routing_record(self, record_routing)
+    def _sample(self, request: Request) -> list[list[Sample]]:
+        prompts, n, params, seed = request.prompts, request.n, request.params, request.seed
         self._wake()
         sampling = self._vllm.SamplingParams(
             n=n,
@@ -180,16 +172,8 @@ class SGLangEngine(RolloutEngine):
             count += len(bucket)
         return count
 
-    def generate(
-        self,
-        prompts: list[list[int]],
-        n: int,
-        params: SamplingParams,
-        seed: int,
-        *,
-        record_routing: bool = False,
-    ) -> list[list[Sample]]:
-        no_routing_record(self, record_routing)
+    def _sample(self, request: Request) -> list[list[Sample]]:
+        prompts, n, params, seed = request.prompts, request.n, request.params, request.seed
         self._resume()
         rows = [p for p in prompts for _ in range(n)]
         sampling = {

@@ -27,7 +27,7 @@ import torch
 
 from joyai_megatron.convert.hf_config import arch_to_hf_config
 from joyai_megatron.model.presets import ModelArch
-from joyai_megatron.rl.rollout.base import RolloutEngine, Sample, SamplingParams
+from joyai_megatron.rl.rollout.base import Request, RolloutEngine, Sample, SamplingParams
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -53,6 +53,7 @@ class HFWeightWriter:
         self.model = model
         self.targets = dict(model.state_dict(keep_vars=False))
         self.intermediate = model.config.moe_intermediate_size
+        self._required: set[str] | None = None
 
     def _slot(self, name: str) -> tuple[str, torch.Tensor]:
         m = _EXPERT.match(name)
@@ -82,6 +83,19 @@ class HFWeightWriter:
             target.copy_(tensor)
             written.add(slot)
         return written
+
+    def write_all(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """A full weight sync: every tensor in, and every slot of the model written (a sync that
+        left some unwritten would sample from stale weights); returns how many tensors came."""
+        if self._required is None:
+            self._required = self.expected_slots()
+        written = self.write(named_tensors)
+        missing = self._required - written
+        if missing:
+            raise ValueError(
+                f"rollout weight sync left {len(missing)} HF tensors unwritten, e.g. {sorted(missing)[0]}"
+            )
+        return len(written)
 
     def expected_slots(self) -> set[str]:
         """Every slot a full sync must write (fused experts counted per expert and half)."""
@@ -162,37 +176,21 @@ class LocalHFEngine(RolloutEngine):
         self.model = (model if model is not None else build_hf_model(arch, dtype)).to(device)
         self.device = torch.device(device)
         self.writer = HFWeightWriter(self.model)
-        self._required = self.writer.expected_slots()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        written = self.writer.write(named_tensors)
-        missing = self._required - written
-        if missing:
-            raise ValueError(
-                f"rollout weight sync left {len(missing)} HF tensors unwritten, e.g. {sorted(missing)[0]}"
-            )
-        return len(written)
+        return self.writer.write_all(named_tensors)
 
     @torch.no_grad()
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Full-sequence logits [b, s, V] (weight-sync checks compare these with Megatron's)."""
         return self.model(input_ids=input_ids.to(self.device)).logits.float()
 
-    def generate(
-        self,
-        prompts: list[list[int]],
-        n: int,
-        params: SamplingParams,
-        seed: int,
-        *,
-        record_routing: bool = False,
-    ) -> list[list[Sample]]:
-        if not prompts:
-            return []
-        if not record_routing:
-            return self._generate(prompts, n, params, seed, None)
+    def _sample(self, request: Request) -> list[list[Sample]]:
+        r = request
+        if not r.record_routing:
+            return self._generate(r.prompts, r.n, r.params, r.seed, None)
         with RoutingRecorder(self.model) as recorder:
-            return self._generate(prompts, n, params, seed, recorder)
+            return self._generate(r.prompts, r.n, r.params, r.seed, recorder)
 
     @torch.no_grad()
     def _generate(

@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from joyai_megatron.model.presets import ModelArch
-from joyai_megatron.rl.rollout.base import RolloutEngine, Sample, SamplingParams
+from joyai_megatron.rl.rollout.base import Request, RolloutEngine, Sample
 from joyai_megatron.rl.rollout.local import HFWeightWriter, LocalHFEngine, build_hf_model
 
 
@@ -57,7 +57,6 @@ class ProcessHFEngine(RolloutEngine):
         self.model = build_hf_model(arch, dtype)
         self.model.share_memory()
         self.writer = HFWeightWriter(self.model)
-        self._required = self.writer.expected_slots()
         shared = self.model.state_dict()
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
@@ -65,13 +64,7 @@ class ProcessHFEngine(RolloutEngine):
         self.proc.start()
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        written = self.writer.write(named_tensors)  # in place: the child sees the same storage
-        missing = self._required - written
-        if missing:
-            raise ValueError(
-                f"rollout weight sync left {len(missing)} HF tensors unwritten, e.g. {sorted(missing)[0]}"
-            )
-        return len(written)
+        return self.writer.write_all(named_tensors)  # in place: the child sees the same storage
 
     def _call(self, kind: str, *args: Any) -> Any:
         self.conn.send((kind, args))
@@ -80,16 +73,9 @@ class ProcessHFEngine(RolloutEngine):
             raise RuntimeError(f"rollout process failed: {value}")
         return value
 
-    def generate(
-        self,
-        prompts: list[list[int]],
-        n: int,
-        params: SamplingParams,
-        seed: int,
-        *,
-        record_routing: bool = False,
-    ) -> list[list[Sample]]:
-        result = self._call("generate", prompts, n, params, seed, record_routing)
+    def _sample(self, request: Request) -> list[list[Sample]]:
+        r = request
+        result = self._call("generate", r.prompts, r.n, r.params, r.seed, r.record_routing)
         for sample in (s for group in result for s in group if s.routed_experts is not None):
             sample.routed_experts = torch.from_numpy(sample.routed_experts)
         return result
