@@ -32,8 +32,10 @@ d(log s+ - log s-)/d rho_j = 1/T exactly at r = 1.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import torch
 
@@ -238,6 +240,46 @@ def weighted_pg_loss(
     return pg_loss + kl_term, metrics
 
 
+def fiber_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    log_weights: Callable[[torch.Tensor, torch.Tensor], Any],
+    *,
+    eps: float,
+    ref_logprobs: torch.Tensor | None,
+    kl_coef: float,
+    kl_estimator: KLEstimator,
+    num_sequences: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any, torch.Tensor]:
+    """What FiberPO and FiberPO-Domain share around their weights: input checks, the masked log
+    ratio, the weighted policy-gradient loss and the ratio/base/fiber metrics.  ``log_weights``
+    maps (log_ratio, mask) to the variant's weights (``log_weight``, ``log_base``, ``fiber``).
+    Returns (loss, metrics, weights, valid sequences)."""
+    mask = check_token_inputs(logprobs, old_logprobs, response_mask)
+    check_eps(eps)
+    log_ratio = masked_log_ratio(logprobs, old_logprobs, mask)
+    adv = token_advantages(advantages, mask, log_ratio.dtype)
+    weights = log_weights(log_ratio, mask)
+    loss, metrics = weighted_pg_loss(
+        logprobs,
+        weights.log_weight,
+        adv,
+        mask,
+        ref_logprobs=ref_logprobs,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        num_sequences=num_sequences,
+    )
+    with torch.no_grad():
+        valid = token_counts(mask) > 0
+        metrics |= ratio_metrics(log_ratio, mask)
+        metrics["base_weight_mean"] = (weights.log_base.exp() * valid).sum() / valid.sum().clamp(min=1)
+        metrics |= fiber_clip_fractions(weights.fiber, mask)
+    return loss, metrics, weights, valid
+
+
 def fiberpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -260,30 +302,23 @@ def fiberpo_loss(
     micro-batched runs (see `seq_mean_token_mean`). Metrics are detached scalars; `gate_*`
     fractions are over sequences, `fiber_*` fractions, `ratio_*` and `weight_mean` over tokens.
     """
-    mask = check_token_inputs(logprobs, old_logprobs, response_mask)
-    check_eps(eps)
     c_plus, c_neg = channel_budgets(delta, c_minus)
-    log_ratio = masked_log_ratio(logprobs, old_logprobs, mask)
-    adv = token_advantages(advantages, mask, log_ratio.dtype)
-    weights = fiberpo_log_weights(log_ratio, mask, c_plus=c_plus, c_minus=c_neg, eps=eps)
-    loss, metrics = weighted_pg_loss(
+    loss, metrics, weights, valid = fiber_loss(
         logprobs,
-        weights.log_weight,
-        adv,
-        mask,
+        old_logprobs,
+        advantages,
+        response_mask,
+        lambda log_ratio, mask: fiberpo_log_weights(log_ratio, mask, c_plus=c_plus, c_minus=c_neg, eps=eps),
+        eps=eps,
         ref_logprobs=ref_logprobs,
         kl_coef=kl_coef,
         kl_estimator=kl_estimator,
         num_sequences=num_sequences,
     )
     with torch.no_grad():
-        valid = token_counts(mask) > 0
         n_valid = valid.sum().clamp(min=1)
-        metrics |= ratio_metrics(log_ratio, mask)
-        metrics["base_weight_mean"] = (weights.log_base.exp() * valid).sum() / n_valid
         metrics["log_s_pos_mean"] = (weights.log_s_pos * valid).sum() / n_valid
         metrics["log_s_neg_mean"] = (weights.log_s_neg * valid).sum() / n_valid
         metrics |= gate_fractions("gate_pos", weights.gate_pos, valid)
         metrics |= gate_fractions("gate_neg", weights.gate_neg, valid)
-        metrics |= fiber_clip_fractions(weights.fiber, mask)
     return loss, metrics

@@ -31,10 +31,6 @@ from dataclasses import dataclass
 import torch
 
 from joyai_megatron.rl.aggregation import (
-    check_token_inputs,
-    masked_log_ratio,
-    ratio_metrics,
-    token_advantages,
     token_counts,
 )
 from joyai_megatron.rl.fiberpo import (
@@ -44,12 +40,10 @@ from joyai_megatron.rl.fiberpo import (
     FiberResidual,
     base_gate,
     channel_budgets,
-    check_eps,
-    fiber_clip_fractions,
+    fiber_loss,
     fiber_residual,
     gate_fractions,
     sign_split,
-    weighted_pg_loss,
 )
 from joyai_megatron.rl.kl import KLEstimator
 
@@ -159,31 +153,26 @@ def fiberpo_domain_loss(
     Aggregates are over the sequences present in this call: pass whole domains and groups, since a
     node split across calls would be gated on a partial aggregate.
     """
-    mask = check_token_inputs(logprobs, old_logprobs, response_mask)
-    check_eps(eps)
     budgets = {
         "domain": channel_budgets(domain_delta, domain_c_minus),
         "group": channel_budgets(group_delta, group_c_minus),
         "traj": channel_budgets(delta, c_minus),
     }
-    log_ratio = masked_log_ratio(logprobs, old_logprobs, mask)
-    adv = token_advantages(advantages, mask, log_ratio.dtype)
-    weights = fiberpo_domain_log_weights(log_ratio, mask, domain_ids, group_ids, budgets=budgets, eps=eps)
-    loss, metrics = weighted_pg_loss(
+    loss, metrics, weights, valid = fiber_loss(
         logprobs,
-        weights.log_weight,
-        adv,
-        mask,
+        old_logprobs,
+        advantages,
+        response_mask,
+        lambda log_ratio, mask: fiberpo_domain_log_weights(
+            log_ratio, mask, domain_ids, group_ids, budgets=budgets, eps=eps
+        ),
+        eps=eps,
         ref_logprobs=ref_logprobs,
         kl_coef=kl_coef,
         kl_estimator=kl_estimator,
         num_sequences=num_sequences,
     )
     with torch.no_grad():
-        valid = token_counts(mask) > 0
-        metrics |= ratio_metrics(log_ratio, mask)
-        metrics["base_weight_mean"] = (weights.log_base.exp() * valid).sum() / valid.sum().clamp(min=1)
         for key, regime in weights.regimes.items():
             metrics |= gate_fractions(key, regime, valid)
-        metrics |= fiber_clip_fractions(weights.fiber, mask)
     return loss, metrics
