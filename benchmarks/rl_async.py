@@ -41,6 +41,7 @@ def run(mode: str, data: Path, scratch: Path, steps: int) -> tuple[float, float,
     from joyai_megatron.config.recipe import load_recipe
     from joyai_megatron.stages.rl import RLStage
     from joyai_megatron.training.distributed import shutdown
+    from joyai_megatron.training.trainer import Trainer
 
     overrides = [
         f"data.tokenizer={data / 'tokenizer'}",
@@ -60,7 +61,7 @@ def run(mode: str, data: Path, scratch: Path, steps: int) -> tuple[float, float,
         f"rl.async_rollout={'true' if mode == 'async' else 'false'}",
     ]
     recipe = load_recipe(str(REPO / "recipes" / "rl" / "tiny_cpu.yaml"), overrides)
-    trainer = RLStage.trainer_class(recipe, RLStage)
+    trainer = Trainer(recipe, RLStage)
     prompts = trainer.stage.prompts
     start = time.perf_counter()
     result = trainer.train()

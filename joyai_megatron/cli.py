@@ -28,20 +28,20 @@ def run_stage(stage: str, recipe_path: str, overrides: list[str]) -> dict:
     recipe = load_recipe(recipe_path, overrides)
     if recipe.stage != stage:
         raise RecipeError(
-            "wrong stage", f"{recipe_path}: stage", f"the recipe is for '{recipe.stage}'", f"run `{recipe.stage}`"
+            "wrong stage",
+            f"{recipe_path}: stage",
+            f"the recipe is for '{recipe.stage}'",
+            f"run `{recipe.stage}`",
         )
     module, cls = STAGES[stage]
     try:
         stage_cls = getattr(importlib.import_module(module), cls)
     except ModuleNotFoundError as err:
         raise SystemExit(f"stage '{stage}' is not available in this checkout ({err})") from err
-    runner = getattr(stage_cls, "trainer_class", None)
-    if runner is None:
-        from joyai_megatron.training.trainer import Trainer
+    from joyai_megatron.training.trainer import Trainer
 
-        runner = Trainer
     try:
-        return runner(recipe, stage_cls).train()
+        return Trainer(recipe, stage_cls).train()
     finally:
         shutdown()
 

@@ -4,7 +4,6 @@
   checks (block size vs layer widths, backend, layout) that run before any process group exists.
 * :mod:`~joyai_megatron.quant.modelopt_state`: insert, calibrate, toggle, save and restore the
   quantizers of Megatron-Core model chunks.
-* :mod:`~joyai_megatron.quant.trainer`: the trainer subclass the ``qat`` stage runs on.
 * :mod:`~joyai_megatron.quant.export`: ``python -m joyai_megatron.quant.export`` (ModelOpt unified
   HF checkpoint, compressed-tensors INT4 for vLLM/SGLang, or a dequantized BF16 one) straight from a
   QAT ``torch_dist`` checkpoint.
@@ -15,8 +14,9 @@
 * :mod:`~joyai_megatron.quant.reload`: read an export back without ModelOpt (INT4/FP8 dequantized)
   and compare its logits in transformers with the fake-quantized checkpoint.
 
-The comparison of eval losses (unquantized, PTQ, QAT) runs the ``qat`` stage's trainer, so it lives
-beside the stage: ``python -m joyai_megatron.stages.qat_compare``.
+The ``qat`` stage itself (the quantizers enter the shared trainer through its hooks) is
+``stages/qat.py``; the comparison of eval losses (unquantized, PTQ, QAT) runs that stage, beside it:
+``python -m joyai_megatron.stages.qat_compare``.
 
 See docs/qat.md.
 """

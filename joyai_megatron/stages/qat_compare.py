@@ -48,10 +48,10 @@ def _evaluation_recipe(recipe: Recipe, load: str, work_dir: Path) -> Recipe:
 def compare_checkpoints(
     qat_checkpoint: str, reference: str | None = None, overrides: list[str] | None = None
 ) -> dict[str, float]:
-    """Build the QAT trainer twice (reference, then QAT weights) and evaluate; no training."""
-    from joyai_megatron.quant.trainer import QATTrainer
+    """Build the QAT stage's trainer twice (reference, then QAT weights) and evaluate; no training."""
     from joyai_megatron.stages.qat import QATStage
     from joyai_megatron.training.distributed import shutdown
+    from joyai_megatron.training.trainer import Trainer
 
     qat_dir = resolve_iteration_dir(qat_checkpoint)
     if not mos.has_modelopt_state(qat_dir):
@@ -64,13 +64,13 @@ def compare_checkpoints(
     with tempfile.TemporaryDirectory(prefix="qat_compare_") as tmp:
         try:
             for name, source in (("reference", reference), ("qat", str(qat_dir))):
-                trainer = QATTrainer(_evaluation_recipe(recipe, source, Path(tmp) / name), QATStage)
+                trainer = Trainer(_evaluation_recipe(recipe, source, Path(tmp) / name), QATStage)
                 try:
                     if name == "reference":
                         values.update(trainer.stage.comparison)
                     else:
                         trainer.stage.comparison = dict(values)
-                        values = trainer.compare()
+                        values = trainer.stage.compare()
                 finally:
                     trainer.logger.close()
                     trainer.signals.restore()

@@ -26,12 +26,13 @@ from joyai_megatron.rl.batch import micro_batches, split_evenly
 from joyai_megatron.rl.logprobs import token_entropy, token_logprobs
 from joyai_megatron.rl.objective import policy_loss, token_regimes
 from joyai_megatron.rl.prompts import PromptSampler, load_prompts, read_pass_rates
+from joyai_megatron.rl.recipe_checks import check_rl_recipe
 from joyai_megatron.rl.reference import reference_from_checkpoint, snapshot, swapped_weights
 from joyai_megatron.rl.replay import RoutingReplay, moe_ordinals, replay_mode, rollout_targets
+from joyai_megatron.rl.rewards.sandbox import set_unsafe_code_execution
 from joyai_megatron.rl.rollout_state import estimate_pass_rates, load_side_state, save_side_state
 from joyai_megatron.rl.rollouts import RolloutManager
 from joyai_megatron.rl.step_metrics import StepMetrics
-from joyai_megatron.rl.trainer import RLTrainer
 from joyai_megatron.training.distributed import current_device
 from joyai_megatron.training.packing import pack_batch
 from joyai_megatron.training.stage import Stage
@@ -45,11 +46,20 @@ PEAK_METRICS = ("ratio_max", "seq_ratio_max")
 class RLStage(Stage):
     name = "rl"
     uses_mtp_loss = False
-    trainer_class = RLTrainer
+
+    @classmethod
+    def check_recipe(cls, recipe: Any) -> None:
+        check_rl_recipe(recipe)
 
     def __init__(self, recipe: Any) -> None:
         super().__init__(recipe)
+        set_unsafe_code_execution(recipe.rl.unsafe_code_execution)
         self._saved: dict[str, Any] = {}
+
+    def configure_model(self, config: Any) -> None:
+        """Routing replay needs ``moe_enable_routing_replay`` before the routers are built (each
+        router then owns a ``RouterReplay``)."""
+        config.moe_enable_routing_replay = replay_mode(self.recipe.rl.routing_replay) != "none"
 
     def build_datasets(self, train_samples: int, valid_samples: int) -> dict[str, Any]:
         """No token datasets: the micro-batches come from each step's rollouts (built in setup)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,9 +74,18 @@ class Stage(ABC):
     def forward_step(self, data_iterator: Iterator, model: torch.nn.Module) -> tuple[torch.Tensor, LossFunc]:
         """Megatron-Core's forward-step contract: the model output and a loss function of it."""
 
-    # --- optional hooks -----------------------------------------------------------------------
+    # --- optional hooks, in the order the trainer calls them --------------------------------------
+    # (A stage is extended here, never by subclassing the trainer: the trainer builds the stage
+    # right after ``check_recipe``, before any process group, so every hook has the instance.)
+    def configure_model(self, config: Any) -> None:  # noqa: B027 - optional hook, default no-op
+        """Adjust Megatron-Core's TransformerConfig before the model is built (RL: routing replay)."""
+
+    def on_model_built(self, trainer: Any) -> None:  # noqa: B027 - optional hook, default no-op
+        """The model chunks exist (DDP-wrapped), before the optimizer and the checkpoint load."""
+
     def setup(self, trainer: Any) -> None:
-        """Called once the model exists and the checkpoint is loaded."""
+        """Called last in the trainer's construction: model, optimizer, checkpoint, datasets and
+        logger all exist."""
         self.trainer = trainer
 
     def before_step(self, trainer: Any) -> None:  # noqa: B027 - optional hook, default no-op
@@ -90,6 +100,12 @@ class Stage(ABC):
     def log_metrics(self) -> dict[str, float]:
         """Stage-specific metrics for the log line (e.g. DPO reward accuracies)."""
         return {}
+
+    def write_checkpoint_extras(self, directory: Path) -> None:  # noqa: B027 - optional hook
+        """Write into a checkpoint before it is committed (collective; QAT: ModelOpt state)."""
+
+    def on_train_end(self, trainer: Any, result: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """After the last step and its checkpoint; may add entries to ``train()``'s result."""
 
     # --- shared --------------------------------------------------------------------------------
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -69,6 +69,7 @@ class Trainer:
                 "context-parallel ranks (pretrain, sft and dpo do); use parallel.cp=1"
             )
         stage.check_recipe(recipe)  # the stage's keys and files, also before any process group
+        self.stage = stage(recipe)
         if recipe.model.backend == "te":
             require_transformer_engine()
         self.env = init_distributed()
@@ -87,7 +88,9 @@ class Trainer:
         )
         self.total_iters, self.train_samples = self._train_length()
         self.config = build_transformer_config(self.arch, recipe.model, recipe.parallel, recipe.precision)
+        self.stage.configure_model(self.config)
         self.model = self._build_model()
+        self.stage.on_model_built(self)
         self.optimizer = build_optimizer(recipe.optim, recipe.parallel, recipe.precision, self.model)
         self.scheduler = build_scheduler(
             self.optimizer,
@@ -98,7 +101,6 @@ class Trainer:
         )
         self._wire_config_hooks()
         self.state = ckpt.TrainState()
-        self.stage = stage(recipe)
         self.resumed_from = self._load()
         update_num_microbatches(self.state.consumed_samples, consistency_check=False)
         valid = (
@@ -108,12 +110,12 @@ class Trainer:
         )
         self.stage.build_datasets(self.train_samples, valid)
         self.stage.load_state_dict(self.state.stage)
-        self.stage.setup(self)
-        self.logger = MetricsLogger(recipe, self._is_log_rank(), self._flops_per_token(), self.env.world_size)
+        self.logger = MetricsLogger(recipe, self.is_log_rank(), self._flops_per_token(), self.env.world_size)
         self.signals = ExitSignalHandler(recipe.checkpoint.exit_signals)
         self.async_saves = AsyncCallsQueue() if recipe.checkpoint.async_save else None
         self.history: list[dict[str, float]] = []
         self._expert_counts: list[torch.Tensor] = []
+        self.stage.setup(self)
 
     # --- construction -----------------------------------------------------------------------------
     def _train_length(self) -> tuple[int, int]:
@@ -132,7 +134,7 @@ class Trainer:
     def _build_model(self) -> list[torch.nn.Module]:
         def freeze(model: torch.nn.Module) -> None:
             for name, param in model.named_parameters():
-                if any(part in name for part in self.stage_class.frozen_parameters):
+                if any(part in name for part in self.stage.frozen_parameters):
                     param.requires_grad_(False)  # before DDP: no grad buffer, no optimizer state
             embedding = getattr(model, "embedding", None)
             if embedding is not None and not any(q.requires_grad for q in embedding.parameters()):
@@ -189,7 +191,7 @@ class Trainer:
     def _flops_per_token(self) -> float:
         return flops_per_token(self.arch, self.recipe.train.seq_length, mtp=self.recipe.model.mtp_enabled)
 
-    def _is_log_rank(self) -> bool:
+    def is_log_rank(self) -> bool:
         return self.env.rank == 0
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ class Trainer:
         """Resume from ``checkpoint.dir`` if it holds a checkpoint, else start from ``checkpoint.load``."""
         c = self.recipe.checkpoint
         start = start_point(c.dir, c.load, c.allow_fresh_start)
-        if start.note and self._is_log_rank():
+        if start.note and self.is_log_rank():
             print(f"note: {start.note}", flush=True)
         if start.path is None:
             return None
@@ -246,13 +248,9 @@ class Trainer:
             self.scheduler,
             self.state,
             self.recipe.checkpoint.keep_last,
-            write_extras=self.write_checkpoint_extras,
+            write_extras=self.stage.write_checkpoint_extras,
             async_queue=self.async_saves,
         )
-
-    def write_checkpoint_extras(self, directory: Path) -> None:
-        """Hook for subclasses: write into a checkpoint before it is committed (collective)."""
-        del directory
 
     # --- steps ------------------------------------------------------------------------------------
     def run_microbatches(self, batches: list, forward_only: bool) -> list[dict[str, torch.Tensor]]:
@@ -427,7 +425,7 @@ class Trainer:
     # --- loop -------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         r = self.recipe
-        if self._is_log_rank():
+        if self.is_log_rank():
             save_resolved_recipe(r, r.logging.dir)
             where = f"resumed from {self.resumed_from}" if self.resumed_from else "from scratch"
             print(
@@ -451,7 +449,7 @@ class Trainer:
                 evals = self.evaluate()
                 self.history[-1].update(evals)
                 self.logger.scalars(step, evals)
-                if self._is_log_rank():
+                if self.is_log_rank():
                     print(" | ".join(f"{k} {v:.4f}" for k, v in evals.items()), flush=True)
             if r.checkpoint.save_interval and step % r.checkpoint.save_interval == 0:
                 self.save()
@@ -474,11 +472,13 @@ class Trainer:
         if self.async_saves is not None:
             self.async_saves.maybe_finalize_async_calls(blocking=True)
             self.async_saves.close()
-        if self._is_log_rank():
+        if self.is_log_rank():
             print(f"[{r.stage}] {exit_reason} at step {self.state.iteration}; checkpoint {path}", flush=True)
         self.logger.close()
         self.signals.restore()
-        return {"exit_reason": exit_reason, "checkpoint": str(path), "history": self.history}
+        result = {"exit_reason": exit_reason, "checkpoint": str(path), "history": self.history}
+        self.stage.on_train_end(self, result)
+        return result
 
     @property
     def train_state(self) -> dict[str, Any]:

@@ -170,3 +170,16 @@ def test_the_checks_catch_what_they_should(graph: dict[str, set[str]], upward: i
     """The checks themselves, on small graphs: an upward edge, a downward one, a circle."""
     assert len(upward_edges(graph)) == upward
     assert len(cycles(graph)) == circular
+
+
+def test_stages_extend_the_trainer_only_through_stage_hooks() -> None:
+    """One way to extend a stage: `Stage` hooks. A `Trainer` subclass overriding private methods
+    (how RL and QAT used to plug in) would be a second way."""
+    subclasses = []
+    for path in (REPO / "joyai_megatron").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                bases = {getattr(b, "id", getattr(b, "attr", None)) for b in node.bases}
+                if "Trainer" in bases:
+                    subclasses.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}")
+    assert not subclasses, subclasses

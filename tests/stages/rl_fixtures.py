@@ -132,9 +132,10 @@ def train_rl(recipe_path: Path, overrides: list[str] | None = None) -> tuple[Any
     from joyai_megatron.config.recipe import load_recipe
     from joyai_megatron.rl.reference import snapshot
     from joyai_megatron.stages.rl import RLStage
+    from joyai_megatron.training.trainer import Trainer
 
     recipe = load_recipe(str(recipe_path), overrides or [])
-    trainer = RLStage.trainer_class(recipe, RLStage)
+    trainer = Trainer(recipe, RLStage)
     before = snapshot(trainer.model)
     return trainer, trainer.train(), before
 

@@ -322,7 +322,7 @@ def test_math_format_reward():
 
 def test_recipe_errors_name_the_key(rl_data, tmp_path):
     from joyai_megatron.config.recipe import load_recipe
-    from joyai_megatron.rl.trainer import check_rl_recipe
+    from joyai_megatron.rl.recipe_checks import check_rl_recipe
 
     tokenizer, prompts = rl_data
     path = write_rl_recipe(tmp_path, tokenizer, prompts)
@@ -369,13 +369,13 @@ def test_code_reward_steps_score_every_sample_in_the_sandbox(rl_data, tmp_path, 
 
 def test_code_rewards_need_a_sandbox_or_the_opt_in(rl_data, tmp_path, monkeypatch):
     from joyai_megatron.config.recipe import load_recipe
-    from joyai_megatron.rl import trainer
+    from joyai_megatron.rl import recipe_checks
 
-    monkeypatch.setattr(trainer, "bubblewrap_available", lambda: False)
+    monkeypatch.setattr(recipe_checks, "bubblewrap_available", lambda: False)
     path = write_rl_recipe(tmp_path, *rl_data)
     with pytest.raises(ValueError, match="unsafe_code_execution"):
-        trainer.check_rl_recipe(load_recipe(str(path), ["rl.reward=code"]))
-    trainer.check_rl_recipe(load_recipe(str(path), ["rl.reward=code", "rl.unsafe_code_execution=true"]))
+        recipe_checks.check_rl_recipe(load_recipe(str(path), ["rl.reward=code"]))
+    recipe_checks.check_rl_recipe(load_recipe(str(path), ["rl.reward=code", "rl.unsafe_code_execution=true"]))
 
 
 @pytest.mark.multiproc

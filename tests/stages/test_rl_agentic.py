@@ -75,9 +75,10 @@ def _train(overrides: list[str]):
     from joyai_megatron.config.recipe import load_recipe
     from joyai_megatron.rl.reference import snapshot
     from joyai_megatron.stages.rl import RLStage
+    from joyai_megatron.training.trainer import Trainer
 
     recipe = load_recipe(str(RL_RECIPE), overrides)
-    trainer = RLStage.trainer_class(recipe, RLStage)
+    trainer = Trainer(recipe, RLStage)
     result = trainer.train()
     return trainer, result, snapshot(trainer.model)
 

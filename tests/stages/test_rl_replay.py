@@ -242,6 +242,7 @@ def test_r3_stage_replays_the_engine_routing_and_trains(rl_data, tmp_path, shutd
     from joyai_megatron.rl.reference import snapshot
     from joyai_megatron.rl.replay import moe_ordinals, routers
     from joyai_megatron.stages.rl import RLStage
+    from joyai_megatron.training.trainer import Trainer
 
     tokenizer, prompts = rl_data
     recipe = write_rl_recipe(
@@ -253,7 +254,7 @@ def test_r3_stage_replays_the_engine_routing_and_trains(rl_data, tmp_path, shutd
         model={"recompute": "full"},
     )
 
-    trainer = RLStage.trainer_class(load_recipe(str(recipe)), RLStage)
+    trainer = Trainer(load_recipe(str(recipe)), RLStage)
     before = snapshot(trainer.model)
     stage, chunk = trainer.stage, trainer.model[0]
     ordinal = dict(
@@ -301,7 +302,7 @@ def test_r3_stage_replays_the_engine_routing_and_trains(rl_data, tmp_path, shutd
 
 def test_r3_needs_an_engine_that_records_routing(rl_data, tmp_path):
     from joyai_megatron.config.recipe import load_recipe
-    from joyai_megatron.rl.trainer import check_rl_recipe
+    from joyai_megatron.rl.recipe_checks import check_rl_recipe
 
     tokenizer, prompts = rl_data
     path = write_rl_recipe(tmp_path, tokenizer, prompts)

@@ -1,8 +1,4 @@
-"""The shared trainer with the RL stage's recipe checks and MoE routing replay switched on.
-
-Routing replay needs ``moe_enable_routing_replay`` in the TransformerConfig *before* the routers
-are built (each router then owns a ``RouterReplay``); everything else is the shared core.
-"""
+"""The RL stage's recipe checks, run by ``RLStage.check_recipe`` before any process group or model."""
 
 from __future__ import annotations
 
@@ -13,10 +9,9 @@ from joyai_megatron.rl.agentic.env import check_agentic_config
 from joyai_megatron.rl.objective import check_rl_config
 from joyai_megatron.rl.replay import replay_mode
 from joyai_megatron.rl.rewards.code_tests import CODE_REWARDS
-from joyai_megatron.rl.rewards.sandbox import bubblewrap_available, set_unsafe_code_execution
+from joyai_megatron.rl.rewards.sandbox import bubblewrap_available
 from joyai_megatron.rl.rewards.sandbox.isolation import SETUP_HINT
 from joyai_megatron.training.distributed import read_dist_env
-from joyai_megatron.training.trainer import Trainer
 
 
 def check_rl_recipe(recipe: Recipe) -> None:
@@ -76,14 +71,3 @@ def check_rl_recipe(recipe: Recipe) -> None:
         raise ValueError(
             f"rl.prompts_per_step={rl.prompts_per_step} must divide over {dp} data-parallel ranks"
         )
-
-
-class RLTrainer(Trainer):
-    def __init__(self, recipe: Recipe, stage: type) -> None:
-        check_rl_recipe(recipe)
-        set_unsafe_code_execution(recipe.rl.unsafe_code_execution)
-        super().__init__(recipe, stage)
-
-    def _build_model(self) -> list:
-        self.config.moe_enable_routing_replay = replay_mode(self.recipe.rl.routing_replay) != "none"
-        return super()._build_model()
