@@ -8,6 +8,10 @@ token mean, and Megatron-Core's per-token normalisation divides by the global se
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from joyai_megatron.config.schema import RLCfg
@@ -16,14 +20,96 @@ from joyai_megatron.rl.baselines import grpo_loss, gspo_loss
 from joyai_megatron.rl.fiberpo import GateRegime, channel_budgets, fiberpo_log_weights, fiberpo_loss
 from joyai_megatron.rl.fiberpo_domain import fiberpo_domain_loss
 
-LOSSES = ("fiberpo", "fiberpo_domain", "grpo", "gspo")
 KL_TYPES = ("k1", "k3")
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """One micro-batch's tensors for the policy loss ([batch, T] unless noted)."""
+
+    logprobs: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor  # [batch] or [batch, T]
+    mask: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+    group_ids: torch.Tensor  # [batch]
+    domain_ids: torch.Tensor  # [batch]
+
+
+# rl.loss -> (rl section, inputs, the keyword arguments every loss takes) -> (loss, metrics)
+PolicyLoss = Callable[[RLCfg, LossInputs, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LOSSES: dict[str, PolicyLoss] = {}
+
+
+def register_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
+    """Make ``rl.loss: name`` select the decorated loss (a new objective is one function here)."""
+
+    def register(fn: PolicyLoss) -> PolicyLoss:
+        LOSSES[name] = fn
+        return fn
+
+    return register
+
+
+def _clip_kwargs(rl: RLCfg) -> dict[str, float]:
+    out = {}
+    if rl.clip_eps_low is not None:
+        out["eps_low"] = rl.clip_eps_low
+    if rl.clip_eps_high is not None:
+        out["eps_high"] = rl.clip_eps_high
+    return out
+
+
+@register_loss("fiberpo")
+def _fiberpo(rl: RLCfg, x: LossInputs, common: dict[str, Any]):
+    return fiberpo_loss(
+        x.logprobs,
+        x.old_logprobs,
+        x.advantages,
+        x.mask,
+        delta=rl.delta,
+        c_minus=rl.c_minus,
+        eps=rl.eps,
+        **common,
+    )
+
+
+@register_loss("fiberpo_domain")
+def _fiberpo_domain(rl: RLCfg, x: LossInputs, common: dict[str, Any]):
+    return fiberpo_domain_loss(
+        x.logprobs,
+        x.old_logprobs,
+        x.advantages,
+        x.mask,
+        x.domain_ids,
+        x.group_ids,
+        delta=rl.delta,
+        c_minus=rl.c_minus,
+        group_delta=rl.group_delta,
+        group_c_minus=rl.group_c_minus,
+        domain_delta=rl.domain_delta,
+        domain_c_minus=rl.domain_c_minus,
+        eps=rl.eps,
+        **common,
+    )
+
+
+@register_loss("grpo")
+def _grpo(rl: RLCfg, x: LossInputs, common: dict[str, Any]):
+    return grpo_loss(
+        x.logprobs, x.old_logprobs, x.advantages, x.mask, dual_clip=rl.dual_clip, **_clip_kwargs(rl), **common
+    )
+
+
+@register_loss("gspo")
+def _gspo(rl: RLCfg, x: LossInputs, common: dict[str, Any]):
+    return gspo_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, **_clip_kwargs(rl), **common)
 
 
 def check_rl_config(rl: RLCfg) -> None:
     """Fail on a bad ``rl`` section before any model is built."""
     if rl.loss not in LOSSES:
-        raise ValueError(f"rl.loss must be one of {LOSSES}, got {rl.loss!r}")
+        raise ValueError(f"rl.loss must be one of {tuple(LOSSES)}, got {rl.loss!r}")
     if rl.kl_type not in KL_TYPES:
         raise ValueError(f"rl.kl_type must be one of {KL_TYPES}, got {rl.kl_type!r}")
     if rl.loss.startswith("fiberpo"):
@@ -37,59 +123,15 @@ def check_rl_config(rl: RLCfg) -> None:
         raise ValueError("rl.group_size must be >= 2 for group-normalised advantages")
 
 
-def _clip_kwargs(rl: RLCfg) -> dict[str, float]:
-    out = {}
-    if rl.clip_eps_low is not None:
-        out["eps_low"] = rl.clip_eps_low
-    if rl.clip_eps_high is not None:
-        out["eps_high"] = rl.clip_eps_high
-    return out
-
-
-def policy_loss(
-    rl: RLCfg,
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    ref_logprobs: torch.Tensor | None,
-    group_ids: torch.Tensor,
-    domain_ids: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def policy_loss(rl: RLCfg, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum over sequences of the chosen loss's per-sequence objective (see module docstring)."""
     common = {
-        "ref_logprobs": ref_logprobs,
+        "ref_logprobs": inputs.ref_logprobs,
         "kl_coef": rl.kl_coef,
         "kl_estimator": rl.kl_type,
         "num_sequences": 1.0,
     }
-    if rl.loss == "fiberpo":
-        return fiberpo_loss(
-            logprobs, old_logprobs, advantages, mask, delta=rl.delta, c_minus=rl.c_minus, eps=rl.eps, **common
-        )
-    if rl.loss == "fiberpo_domain":
-        return fiberpo_domain_loss(
-            logprobs,
-            old_logprobs,
-            advantages,
-            mask,
-            domain_ids,
-            group_ids,
-            delta=rl.delta,
-            c_minus=rl.c_minus,
-            group_delta=rl.group_delta,
-            group_c_minus=rl.group_c_minus,
-            domain_delta=rl.domain_delta,
-            domain_c_minus=rl.domain_c_minus,
-            eps=rl.eps,
-            **common,
-        )
-    if rl.loss == "grpo":
-        return grpo_loss(
-            logprobs, old_logprobs, advantages, mask, dual_clip=rl.dual_clip, **_clip_kwargs(rl), **common
-        )
-    return gspo_loss(logprobs, old_logprobs, advantages, mask, **_clip_kwargs(rl), **common)
+    return LOSSES[rl.loss](rl, inputs, common)
 
 
 @torch.no_grad()

@@ -69,8 +69,9 @@ def load_side_state(stage: Any, directory: str) -> None:
     stage.manager.restore(state["pending"])
 
 
-def estimate_pass_rates(manager: Any, model: list, iteration: int, batch: int = 64) -> list[float]:
-    """p_i over ``rl.pass_rate_rollouts`` samples of the starting policy (the report uses 10),
+def measure_pass_rates(manager: Any, model: list, iteration: int, batch: int = 64) -> list[float]:
+    """p_i over ``rl.pass_rate_rollouts`` samples of the starting policy, generated here (the report
+    uses 10; ``curriculum.estimate_pass_rates`` turns already-scored rewards into rates),
     split over data-parallel ranks and gathered everywhere."""
     rl = manager.rl
     manager.sync(model, iteration)
@@ -90,7 +91,7 @@ def estimate_pass_rates(manager: Any, model: list, iteration: int, batch: int = 
                 [prompts[i].token_ids for i in chunk], rl.pass_rate_rollouts, params, seed
             )
             for i, samples in zip(chunk, gens, strict=True):
-                verify = manager._reward_fn(prompts[i])
+                verify = manager.reward_fn(prompts[i])
                 scores = [verify(manager.decode(s.token_ids), prompts[i].reference) for s in samples]
                 rates[i] = float(np.mean([score >= 1.0 for score in scores]))
     gathered: list[dict[int, float] | None] = [None] * dist.get_world_size()

@@ -104,7 +104,7 @@ class RolloutManager:
             token_ids = token_ids[:-1]
         return self.tokenizer.decode(token_ids)
 
-    def _reward_fn(self, prompt: Prompt):
+    def reward_fn(self, prompt: Prompt):
         from joyai_megatron.rl.rewards import get_reward
 
         return get_reward(prompt.verifier if self.rl.reward == "prompt" else self.rl.reward)
@@ -122,7 +122,7 @@ class RolloutManager:
             seed,
             record_routing=self.record_routing,
         )
-        trajectories = score(prompts, groups, gens, self._reward_fn, self.decode, self.domains)
+        trajectories = score(prompts, groups, gens, self.reward_fn, self.decode, self.domains)
         self.timings["generate_s"] = time.perf_counter() - start
         return trajectories
 
@@ -205,7 +205,7 @@ class RolloutManager:
         """Sums over this rank's held-out prompts (``count`` is the divisor of every other key)."""
         gens = self.engine.generate([p.token_ids for p in prompts], 1, greedy, seed=0)
         jobs = [
-            (self._reward_fn(p), self.decode(s.token_ids), p.reference)
+            (self.reward_fn(p), self.decode(s.token_ids), p.reference)
             for p, (s,) in zip(prompts, gens, strict=True)
         ]
         rewards = score_all(jobs)

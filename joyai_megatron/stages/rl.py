@@ -24,13 +24,13 @@ from megatron.core import parallel_state
 from joyai_megatron.rl.agentic.rollouts import AgenticRolloutManager
 from joyai_megatron.rl.batch import micro_batches, split_evenly
 from joyai_megatron.rl.logprobs import token_entropy, token_logprobs
-from joyai_megatron.rl.objective import policy_loss, token_regimes
+from joyai_megatron.rl.objective import LossInputs, policy_loss, token_regimes
 from joyai_megatron.rl.prompts import PromptSampler, load_prompts, read_pass_rates
 from joyai_megatron.rl.recipe_checks import check_rl_recipe
 from joyai_megatron.rl.reference import reference_from_checkpoint, snapshot, swapped_weights
 from joyai_megatron.rl.replay import RoutingReplay, moe_ordinals, replay_mode, rollout_targets
 from joyai_megatron.rl.rewards.sandbox import set_unsafe_code_execution
-from joyai_megatron.rl.rollout_state import estimate_pass_rates, load_side_state, save_side_state
+from joyai_megatron.rl.rollout_state import load_side_state, measure_pass_rates, save_side_state
 from joyai_megatron.rl.rollouts import RolloutManager
 from joyai_megatron.rl.step_metrics import StepMetrics
 from joyai_megatron.training.distributed import current_device
@@ -123,7 +123,7 @@ class RLStage(Stage):
             pass_rates = (
                 read_pass_rates(rl.pass_rates, self.prompts)
                 if rl.pass_rates
-                else estimate_pass_rates(self.manager, trainer.model, trainer.state.iteration)
+                else measure_pass_rates(self.manager, trainer.model, trainer.state.iteration)
             )
         self.pass_rates = pass_rates
         self.manager.sampler = PromptSampler(
@@ -291,13 +291,15 @@ class RLStage(Stage):
             adv = (adv if adv.dim() == 2 else adv[:, None]) * weight
         loss, metrics = policy_loss(
             self.rl,
-            logprobs,
-            old,
-            adv,
-            mask,
-            ref_logprobs=self.store["ref"].get(mb),
-            group_ids=batch["group_ids"].to(device),
-            domain_ids=batch["domain_ids"].to(device),
+            LossInputs(
+                logprobs,
+                old,
+                adv,
+                mask,
+                ref_logprobs=self.store["ref"].get(mb),
+                group_ids=batch["group_ids"].to(device),
+                domain_ids=batch["domain_ids"].to(device),
+            ),
         )
         n_seq = mask.any(-1).sum()
         if (

@@ -43,7 +43,7 @@ class AgenticRolloutManager(RolloutManager):
         for prompt in prompts:
             for _ in range(n):
                 env = tool_environment(
-                    list(prompt.tools or self.rl.agentic.tools), self._reward_fn(prompt), self.limits
+                    list(prompt.tools or self.rl.agentic.tools), self.reward_fn(prompt), self.limits
                 )
                 env.reset(prompt)
                 episodes.append(Episode(list(prompt.token_ids), env, prompt.enable_thinking))
