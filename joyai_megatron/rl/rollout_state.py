@@ -10,43 +10,66 @@ world size (the files are per rank); a different layout raises instead of guessi
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from joyai_megatron.config.schema import CheckpointCfg
+from joyai_megatron.rl.replay import RoutingReplay
 from joyai_megatron.rl.rollout import SamplingParams
+from joyai_megatron.rl.rollouts import RolloutManager
 
 
 def _rank_file(directory: Path) -> Path:
     return directory / f"rank_{dist.get_rank():05d}.pt"
 
 
-def save_side_state(stage: Any, checkpoint_dir: Path, iteration: int) -> Path:
-    directory = checkpoint_dir / "rl_state" / f"iter_{iteration:07d}"
+@dataclass
+class RolloutProgress:
+    """Where the RL stage is inside its current rollout: what a mid-rollout checkpoint carries."""
+
+    rollout_index: int = -1  # the rollout the steps below come from
+    steps: list[list[dict[str, torch.Tensor]]] = field(default_factory=list)  # micro-batches per step
+    # Per micro-batch: the policy's log-probs before the rollout's first update ("old") and the
+    # reference policy's ("ref", with a KL term).
+    store: dict[str, dict[int, torch.Tensor]] = field(default_factory=lambda: {"old": {}, "ref": {}})
+    empty_steps: set[int] = field(default_factory=set)  # steps of the rollout with no trajectory
+
+
+def save_side_state(
+    progress: RolloutProgress,
+    replay: RoutingReplay | None,
+    manager: RolloutManager,
+    checkpoint: CheckpointCfg,
+    iteration: int,
+) -> Path:
+    directory = Path(checkpoint.dir) / "rl_state" / f"iter_{iteration:07d}"
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "world_size": dist.get_world_size(),
-        "rollout_index": stage.rollout_index,
-        "steps": stage.steps,
-        "store": {k: {mb: t.cpu() for mb, t in v.items()} for k, v in stage.store.items()},
-        "routes": stage.replay.routes if stage.replay is not None else {},
-        "empty_steps": sorted(stage.empty_steps),
-        "pending": stage.manager.pending_state(),
+        "rollout_index": progress.rollout_index,
+        "steps": progress.steps,
+        "store": {k: {mb: t.cpu() for mb, t in v.items()} for k, v in progress.store.items()},
+        "routes": replay.routes if replay is not None else {},
+        "empty_steps": sorted(progress.empty_steps),
+        "pending": manager.pending_state(),
     }
     torch.save(state, _rank_file(directory))
     dist.barrier()
     if dist.get_rank() == 0:  # keep the side states of the checkpoints the trainer keeps
-        keep = max(stage.recipe.checkpoint.keep_last, 0) + 1
+        keep = max(checkpoint.keep_last, 0) + 1
         old = sorted(p for p in directory.parent.iterdir() if p.name.startswith("iter_"))
         for stale in old[:-keep] if keep > 1 else []:
             shutil.rmtree(stale, ignore_errors=True)
     return directory
 
 
-def load_side_state(stage: Any, directory: str) -> None:
+def load_side_state(
+    progress: RolloutProgress, replay: RoutingReplay | None, manager: RolloutManager, directory: str
+) -> None:
     path = _rank_file(Path(directory))
     if not path.is_file():
         raise FileNotFoundError(
@@ -58,18 +81,18 @@ def load_side_state(stage: Any, directory: str) -> None:
             f"{directory} was saved by {state['world_size']} ranks; resume with the same world size"
         )
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    stage.rollout_index = state["rollout_index"]
-    stage.steps = state["steps"]
-    stage.store = {
+    progress.rollout_index = state["rollout_index"]
+    progress.steps = state["steps"]
+    progress.store = {
         k: {mb: t.to(device) if device else t for mb, t in v.items()} for k, v in state["store"].items()
     }
-    if stage.replay is not None:
-        stage.replay.routes = state["routes"]
-    stage.empty_steps = set(state["empty_steps"])
-    stage.manager.restore(state["pending"])
+    if replay is not None:
+        replay.routes = state["routes"]
+    progress.empty_steps = set(state["empty_steps"])
+    manager.restore(state["pending"])
 
 
-def measure_pass_rates(manager: Any, model: list, iteration: int, batch: int = 64) -> list[float]:
+def measure_pass_rates(manager: RolloutManager, model: list, iteration: int, batch: int = 64) -> list[float]:
     """p_i over ``rl.pass_rate_rollouts`` samples of the starting policy, generated here (the report
     uses 10; ``curriculum.estimate_pass_rates`` turns already-scored rewards into rates),
     split over data-parallel ranks and gathered everywhere."""

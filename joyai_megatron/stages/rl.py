@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +29,12 @@ from joyai_megatron.rl.recipe_checks import check_rl_recipe
 from joyai_megatron.rl.reference import reference_from_checkpoint, snapshot, swapped_weights
 from joyai_megatron.rl.replay import RoutingReplay, moe_ordinals, replay_mode, rollout_targets
 from joyai_megatron.rl.rewards.sandbox import set_unsafe_code_execution
-from joyai_megatron.rl.rollout_state import load_side_state, measure_pass_rates, save_side_state
+from joyai_megatron.rl.rollout_state import (
+    RolloutProgress,
+    load_side_state,
+    measure_pass_rates,
+    save_side_state,
+)
 from joyai_megatron.rl.rollouts import RolloutManager
 from joyai_megatron.rl.step_metrics import StepMetrics
 from joyai_megatron.training.distributed import current_device
@@ -103,10 +107,7 @@ class RLStage(Stage):
                 rank = parallel_state.get_tensor_model_parallel_rank()
                 self.sp_slice = slice(rank * part, (rank + 1) * part)
         self.mode = "train"
-        self.store: dict[str, dict[int, torch.Tensor]] = {"old": {}, "ref": {}}
-        self.steps: list[list[dict[str, torch.Tensor]]] = []
-        self.rollout_index = -1
-        self.empty_steps: set[int] = set()
+        self.progress = RolloutProgress()
         self.pending_eval: dict[str, float] = {}
         self.reference = None
         if rl.kl_coef > 0:
@@ -135,7 +136,7 @@ class RLStage(Stage):
         )
         side = self._saved.get("side_file")
         if side:
-            load_side_state(self, side)
+            load_side_state(self.progress, self.replay, self.manager, side)
         if rl.eval_interval and trainer.state.iteration == 0:
             self.pending_eval = self._evaluate()
 
@@ -148,9 +149,9 @@ class RLStage(Stage):
     def before_step(self, trainer: Any) -> None:
         it = trainer.state.iteration
         rollout = it // self.spr
-        if rollout != self.rollout_index:
+        if rollout != self.progress.rollout_index:
             self._new_rollout(rollout, it)
-        self.step_batches = self.steps[it % self.spr]
+        self.step_batches = self.progress.steps[it % self.spr]
         if self.replay is not None:
             for chunk in self.trainer.model:
                 RoutingReplay.reset(chunk)  # the step's recompute FIFOs start empty
@@ -179,7 +180,7 @@ class RLStage(Stage):
         for key, value in self.manager.timings.items():
             self.metrics.peak(f"time/{key}", value)
         num_mb = t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
-        self.steps = [
+        self.progress.steps = [
             micro_batches(part, num_mb, t.micro_batch_size, t.seq_length, self.tokenizer.pad, i * num_mb)
             for i, part in enumerate(split_evenly(kept, self.spr))
         ]
@@ -187,11 +188,11 @@ class RLStage(Stage):
         if torch.cuda.is_available():
             counts = counts.cuda()  # gpu-only
         torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-        self.empty_steps = {i for i, c in enumerate(counts.tolist()) if c == 0}
-        self.rollout_index = rollout
+        self.progress.empty_steps = {i for i, c in enumerate(counts.tolist()) if c == 0}
+        self.progress.rollout_index = rollout
         start = time.perf_counter()
-        everything = [mb for step in self.steps for mb in step]
-        self.store = {"old": {}, "ref": {}}
+        everything = [mb for step in self.progress.steps for mb in step]
+        self.progress.store = {"old": {}, "ref": {}}
         if self.replay is not None:
             self.replay.clear()
         self._forward_only(everything, "old")
@@ -222,7 +223,7 @@ class RLStage(Stage):
             mask = batch["loss_mask"].bool()
             if not mask.any():
                 continue
-            diff = (self.store["old"][mb].cpu() - batch["rollout_logprobs"])[mask]
+            diff = (self.progress.store["old"][mb].cpu() - batch["rollout_logprobs"])[mask]
             self.metrics.add("mismatch/logprob_abs_mean", diff.abs().sum(), diff.numel())
             self.metrics.peak("mismatch/logprob_abs_max", diff.abs().max())
             self.metrics.add("mismatch/ratio_mean", diff.exp().sum(), diff.numel())
@@ -277,11 +278,11 @@ class RLStage(Stage):
         device = logits.device
         logprobs = token_logprobs(logits, labels, self.rl.temperature).view(rows)
         if self.mode != "train":
-            self.store[self.mode][mb] = logprobs.detach()
+            self.progress.store[self.mode][mb] = logprobs.detach()
             zero = torch.zeros((), device=device)
             return zero, torch.zeros((), dtype=torch.int, device=device), {}
         mask = batch["loss_mask"].to(device).bool()
-        old = self.store["old"][mb]
+        old = self.progress.store["old"][mb]
         adv = batch["advantages"].to(device)
         if self.rl.tis_clip is not None:
             behaviour = batch["rollout_logprobs"].to(device)
@@ -296,7 +297,7 @@ class RLStage(Stage):
                 old,
                 adv,
                 mask,
-                ref_logprobs=self.store["ref"].get(mb),
+                ref_logprobs=self.progress.store["ref"].get(mb),
                 group_ids=batch["group_ids"].to(device),
                 domain_ids=batch["domain_ids"].to(device),
             ),
@@ -304,7 +305,7 @@ class RLStage(Stage):
         n_seq = mask.any(-1).sum()
         if (
             n_seq == 0
-            and (self.trainer.state.iteration % self.spr) in self.empty_steps
+            and (self.trainer.state.iteration % self.spr) in self.progress.empty_steps
             and mb % len(self.step_batches) == 0
         ):
             n_seq = torch.ones_like(n_seq)  # no data anywhere this step: avoid dividing gradients by 0
@@ -355,11 +356,13 @@ class RLStage(Stage):
 
     def state_dict(self) -> dict[str, Any]:
         it = self.trainer.state.iteration
-        state: dict[str, Any] = {"rollout_index": self.rollout_index}
+        state: dict[str, Any] = {"rollout_index": self.progress.rollout_index}
         if self.pass_rates is not None:
             state["pass_rates"] = [float(p) for p in self.pass_rates]
         if it % self.spr or self.manager.pending_index() is not None:
-            state["side_file"] = str(save_side_state(self, Path(self.recipe.checkpoint.dir), it))
+            state["side_file"] = str(
+                save_side_state(self.progress, self.replay, self.manager, self.recipe.checkpoint, it)
+            )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
