@@ -65,3 +65,23 @@ def dpo_overrides(data: Path, load: Path) -> list[str]:
         f"dpo.valid_path={data / 'dpo' / 'eval.parquet'}",
         f"checkpoint.load={load}",
     ]
+
+
+def rewind_checkpoints(src: Path, dst: Path, iteration: int) -> None:
+    """``dst``: a copy of the checkpoint directory ``src`` as a run killed right after saving
+    ``iteration`` left it (the next checkpoint removed, the tracker pointing at ``iteration``)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / f"iter_{iteration + 1:07d}")
+    (dst / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+
+
+def assert_same_step_metrics(again: dict[str, Any], expected: dict[str, Any]) -> None:
+    """A resumed step logs what the uninterrupted run logged (timings and throughput aside)."""
+    import pytest
+
+    for key, value in expected.items():
+        if key.startswith(("stage/time/", "tokens_per_s", "tflops")):
+            continue
+        assert again[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
