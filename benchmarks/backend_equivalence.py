@@ -43,7 +43,11 @@ PARTS: dict[str, list[str]] = {
     "te-fp8-tensorwise": [*FP8, "precision.fp8_recipe=tensorwise"],
     # Megatron-Core refuses delayed scaling with moe_act/layernorm recompute (the recipe's selective
     # set): this part recomputes only the other two (measured on the H200, 2026-12-04).
-    "te-fp8-delayed": [*FP8, "precision.fp8_recipe=delayed", "model.recompute_modules=[core_attn,mla_up_proj]"],
+    "te-fp8-delayed": [
+        *FP8,
+        "precision.fp8_recipe=delayed",
+        "model.recompute_modules=[core_attn,mla_up_proj]",
+    ],
 }
 
 
@@ -180,6 +184,21 @@ def compare_grad_norms(args: argparse.Namespace, parts: list[str]) -> list[str]:
     lines = ["step-1 gradient norm per tensor group: " + " | ".join(groups)]
     for g in names:
         lines.append(f"  {g:<16}" + "".join(f"{groups[p].get(g, float('nan')):>12.4f}" for p in groups))
+    return lines + per_tensor_differences(*(json.loads(found[p].read_text()) for p in list(groups)[:2]))
+
+
+def per_tensor_differences(
+    a: dict[str, float], b: dict[str, float], rel: float = 0.01, most: int = 20
+) -> list[str]:
+    """The tensors both parts name alike (the backends' linears do; fused norms and grouped experts
+    do not) whose step-1 gradient norms differ by more than ``rel``, largest difference first."""
+    both = sorted(set(a) & set(b))
+    off = sorted(
+        ((abs(b[n] - a[n]) / max(abs(a[n]), 1e-12), n) for n in both if abs(b[n] - a[n]) > rel * abs(a[n])),
+        reverse=True,
+    )
+    lines = [f"tensors named alike: {len(both)}, {len(off)} differ by more than {rel:.0%}"]
+    lines += [f"  {n:<72}{a[n]:>12.5f}{b[n]:>12.5f}{d:>8.1%}" for d, n in off[:most]]
     return lines
 
 

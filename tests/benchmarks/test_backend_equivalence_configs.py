@@ -17,7 +17,9 @@ from joyai_megatron.model.config import check_gpu_config
 from joyai_megatron.model.presets import recipe_arch
 from tests.joyai_helpers import REPO
 
-_spec = importlib.util.spec_from_file_location("backend_equivalence", REPO / "benchmarks" / "backend_equivalence.py")
+_spec = importlib.util.spec_from_file_location(
+    "backend_equivalence", REPO / "benchmarks" / "backend_equivalence.py"
+)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
@@ -53,5 +55,14 @@ def test_grad_norm_groups_compare_backends_whose_parameter_names_differ(tmp_path
         out.mkdir(parents=True)
         (out / "step_1.rank0.json").write_text(json.dumps(norms))
     lines = bench.compare_grad_norms(args, list(files))
-    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[1:]}
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[1:3]}
     assert rows == {"experts": [2.0, 1.0], "self_attention": [5.0, 5.0]}
+    assert lines[3] == "tensors named alike: 1, 0 differ by more than 1%"  # the shared linear agrees
+
+
+def test_per_tensor_differences_list_the_tensors_that_disagree() -> None:
+    a = {"x.linear_proj.weight": 2.0, "x.linear_q_up_proj.weight": 4.0, "local.only": 1.0}
+    b = {"x.linear_proj.weight": 2.01, "x.linear_q_up_proj.weight": 3.6, "te.only": 1.0}
+    lines = bench.per_tensor_differences(a, b)
+    assert lines[0] == "tensors named alike: 2, 1 differ by more than 1%"
+    assert lines[1].split() == ["x.linear_q_up_proj.weight", "4.00000", "3.60000", "10.0%"]
