@@ -33,8 +33,7 @@ from joyai_megatron.config.schema import Recipe
 from joyai_megatron.quant import modelopt_state as mos
 from joyai_megatron.quant.formats import modelopt_config
 from joyai_megatron.training import checkpoint as ckpt
-from joyai_megatron.training.checkpoint_scan import start_point
-from joyai_megatron.training.ddp import adding_submodules
+from joyai_megatron.training.ddp import forward_pre_hooks_off
 from joyai_megatron.training.stage import Stage
 
 LOSS_KEY = "valid/lm_loss"
@@ -75,20 +74,18 @@ class QATStage(Stage):
         # Baseline losses measured at the start; resumed runs carry them in the train state.
         self.comparison: dict[str, float] = {}
         self.quant_source: Path | None = None  # checkpoint whose quantizers were restored
-        self.quant_summary = ""
 
     # --- quantizers -------------------------------------------------------------------------------
     def on_model_built(self, trainer: Any) -> None:
-        self.quant_source = self._quantized_source()
+        self.quant_source = self._quantized_source(trainer.start)
         if self.quant_source is not None:
-            with adding_submodules(trainer.model):
+            with forward_pre_hooks_off(trainer.model, param_sync=False):
                 for chunk in trainer.model:
                     mos.restore_state(ckpt.unwrap(chunk), self.quant_source)
 
-    def _quantized_source(self) -> Path | None:
-        """The checkpoint the trainer will load, if it carries ModelOpt state."""
-        c = self.recipe.checkpoint
-        start = start_point(c.dir, c.load, c.allow_fresh_start)
+    @staticmethod
+    def _quantized_source(start: Any) -> Path | None:
+        """The checkpoint the trainer will load (``start``), if it carries ModelOpt state."""
         if start.path is None:
             return None
         if start.resuming and not mos.has_modelopt_state(start.path):
@@ -132,14 +129,14 @@ class QATStage(Stage):
     def setup(self, trainer: Any) -> None:
         super().setup(trainer)
         if self.quant_source is None:
-            with adding_submodules(trainer.model):
+            with forward_pre_hooks_off(trainer.model, param_sync=False):
                 for model in self._models():
                     mos.insert_quantizers(model, self.quant_config)
-        self.quant_summary = mos.summary(self._models()[0])
         self.data_stage.setup(trainer)
         if trainer.is_log_rank():
             where = f"restored from {self.quant_source}" if self.quant_source else "inserted"
-            print(f"[qat] {self.recipe.qat.format}: quantizers {where}: {self.quant_summary}", flush=True)
+            summary = mos.summary(self._models()[0])
+            print(f"[qat] {self.recipe.qat.format}: quantizers {where}: {summary}", flush=True)
         if self.quant_source is None:
             self._calibrate()
             if self.recipe.qat.compare:

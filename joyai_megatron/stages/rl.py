@@ -180,19 +180,19 @@ class RLStage(Stage):
         for key, value in self.manager.timings.items():
             self.metrics.peak(f"time/{key}", value)
         num_mb = t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
-        self.progress.steps = [
+        parts = split_evenly(kept, self.spr)
+        steps = [
             micro_batches(part, num_mb, t.micro_batch_size, t.seq_length, self.tokenizer.pad, i * num_mb)
-            for i, part in enumerate(split_evenly(kept, self.spr))
+            for i, part in enumerate(parts)
         ]
-        counts = torch.tensor([float(len(part)) for part in split_evenly(kept, self.spr)])
+        counts = torch.tensor([float(len(part)) for part in parts])
         if torch.cuda.is_available():
             counts = counts.cuda()  # gpu-only
         torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-        self.progress.empty_steps = {i for i, c in enumerate(counts.tolist()) if c == 0}
-        self.progress.rollout_index = rollout
+        empty = {i for i, c in enumerate(counts.tolist()) if c == 0}
+        self.progress = RolloutProgress(rollout, steps, empty_steps=empty)  # old/ref log-probs: below
         start = time.perf_counter()
-        everything = [mb for step in self.progress.steps for mb in step]
-        self.progress.store = {"old": {}, "ref": {}}
+        everything = [mb for step in steps for mb in step]
         if self.replay is not None:
             self.replay.clear()
         self._forward_only(everything, "old")

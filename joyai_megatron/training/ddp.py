@@ -97,14 +97,15 @@ def wrap_in_ddp(
 
 
 @contextmanager
-def adding_submodules(chunks: list[torch.nn.Module]) -> Iterator[None]:
-    """Around adding submodules to DDP-wrapped chunks (ModelOpt's quantizers): with the overlapped
-    param all-gather, DDP registers a forward pre-hook on every submodule when it wraps the model
-    and asserts each still has one when a save or evaluation turns the hooks off; this takes them
-    off before the change and puts them on every submodule, new ones included, after it."""
+def forward_pre_hooks_off(chunks: list[torch.nn.Module], *, param_sync: bool) -> Iterator[None]:
+    """DDP's param all-gather pre-hooks (overlapped param gather) off, then back on every
+    submodule. ``param_sync``: finish the all-gather first, so every parameter is current (a
+    checkpoint save). Also the way to add submodules to a wrapped model (ModelOpt's quantizers):
+    DDP hooks every submodule at wrap time and asserts each still has its hook when it turns them
+    off; turning them back on covers the new ones."""
     hooked = [chunk for chunk in chunks if getattr(chunk, "use_forward_hook", False)]
     for chunk in hooked:
-        chunk.disable_forward_pre_hook(param_sync=False)
+        chunk.disable_forward_pre_hook(param_sync=param_sync)
     try:
         yield
     finally:

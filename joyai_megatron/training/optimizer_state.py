@@ -133,20 +133,12 @@ def saved_adam_step(saved_optimizer: Any) -> float | None:
 
 def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
     """The torch optimizers inside Megatron-Core's wrappers (chains, ZeRO-1, mixed precision)."""
-    found: list[torch.optim.Optimizer] = []
-    stack, seen = [optimizer], set()
-    while stack:
-        opt = stack.pop()
-        if opt is None or id(opt) in seen:
-            continue
-        seen.add(id(opt))
-        if isinstance(opt, torch.optim.Optimizer):
-            found.append(opt)
-        elif hasattr(opt, "chained_optimizers"):  # its `.optimizer` asserts a chain of one
-            stack.extend(opt.chained_optimizers)
-        else:
-            stack.append(getattr(opt, "optimizer", None))
-    return found
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    if hasattr(optimizer, "chained_optimizers"):  # its `.optimizer` asserts a chain of one
+        return [o for chained in optimizer.chained_optimizers for o in _torch_optimizers(chained)]
+    inner = getattr(optimizer, "optimizer", None)
+    return _torch_optimizers(inner) if inner is not None else []
 
 
 def _adam_step_per_param(optimizer: Any) -> bool:

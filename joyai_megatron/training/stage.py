@@ -81,7 +81,8 @@ class Stage(ABC):
         """Adjust Megatron-Core's TransformerConfig before the model is built (RL: routing replay)."""
 
     def on_model_built(self, trainer: Any) -> None:  # noqa: B027 - optional hook, default no-op
-        """The model chunks exist (DDP-wrapped), before the optimizer and the checkpoint load."""
+        """The model chunks exist (DDP-wrapped), before the optimizer and the checkpoint load
+        (``trainer.start``: the checkpoint that load will read, if any)."""
 
     def setup(self, trainer: Any) -> None:
         """Called last in the trainer's construction: model, optimizer, checkpoint, datasets and

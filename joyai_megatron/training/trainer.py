@@ -44,7 +44,7 @@ from joyai_megatron.optim.builder import build_optimizer
 from joyai_megatron.optim.schedule import build_scheduler, tokens_to_samples
 from joyai_megatron.training import checkpoint as ckpt
 from joyai_megatron.training.checkpoint_scan import start_point
-from joyai_megatron.training.ddp import wrap_in_ddp
+from joyai_megatron.training.ddp import forward_pre_hooks_off, wrap_in_ddp
 from joyai_megatron.training.distributed import init_distributed, init_model_parallel, read_dist_env, set_seed
 from joyai_megatron.training.layout import LayoutError, validate_layout
 from joyai_megatron.training.metrics import MetricsLogger, interval_means
@@ -59,7 +59,6 @@ def _output_requires_grad(_module: torch.nn.Module, _inputs: Any, output: torch.
 class Trainer:
     def __init__(self, recipe: Recipe, stage: type[Stage]) -> None:
         self.recipe = recipe
-        self.stage_class = stage
         self.arch = recipe_arch(recipe)
         env = read_dist_env()
         self.layout = validate_layout(recipe, self.arch, env.world_size)  # before any process group
@@ -90,6 +89,8 @@ class Trainer:
         self.config = build_transformer_config(self.arch, recipe.model, recipe.parallel, recipe.precision)
         self.stage.configure_model(self.config)
         self.model = self._build_model()
+        c = recipe.checkpoint
+        self.start = start_point(c.dir, c.load, c.allow_fresh_start)  # what _load will load
         self.stage.on_model_built(self)
         self.optimizer = build_optimizer(recipe.optim, recipe.parallel, recipe.precision, self.model)
         self.scheduler = build_scheduler(
@@ -197,8 +198,7 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------------
     def _load(self) -> str | None:
         """Resume from ``checkpoint.dir`` if it holds a checkpoint, else start from ``checkpoint.load``."""
-        c = self.recipe.checkpoint
-        start = start_point(c.dir, c.load, c.allow_fresh_start)
+        c, start = self.recipe.checkpoint, self.start
         if start.note and self.is_log_rank():
             print(f"note: {start.note}", flush=True)
         if start.path is None:
@@ -230,14 +230,8 @@ class Trainer:
         the checkpoint (written by DP rank 0) would hold the previous step's values for them, as
         Megatron-LM's ``save_checkpoint_and_time`` avoids by the same hook toggle."""
         self.state.stage = self.stage.state_dict()
-        hooked = [chunk for chunk in self.model if getattr(chunk, "use_forward_hook", False)]
-        for chunk in hooked:
-            chunk.disable_forward_pre_hook(param_sync=True)
-        try:
+        with forward_pre_hooks_off(self.model, param_sync=True):
             return self._write_checkpoint()
-        finally:
-            for chunk in hooked:
-                chunk.enable_forward_pre_hook()
 
     def _write_checkpoint(self) -> Path:
         return ckpt.save_checkpoint(
