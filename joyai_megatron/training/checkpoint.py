@@ -117,6 +117,11 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
+# TE modules' `_extra_state` (FP8 metadata) is absent from checkpoints written by the local backend
+# or by `convert from-hf`; a fresh one is fine.
+_FRESH_OK = ["_extra_state"]
+
+
 def model_sharded_state_dict(model: list) -> dict[str, Any]:
     if len(model) == 1:
         return {"model": unwrap(model[0]).sharded_state_dict()}
@@ -127,15 +132,17 @@ def load_model_weights(model: torch.nn.Module | list[torch.nn.Module], path: str
     """Model tensors only (no optimizer, RNG or counters) from one complete ``iter_*`` directory.
 
     ``model``: one module or the chunks of a pipeline rank (wrappers allowed); every one of their
-    tensors must be in the checkpoint (strict), which may hold more (optimizer, RNG, counters).
+    tensors must be in the checkpoint (strict), which may hold more (optimizer, RNG, counters), except
+    TE's ``_extra_state`` (FP8 metadata), which checkpoints of the local backend do not have.
     """
     chunks = model if isinstance(model, list) else [model]
-    loaded = dist_checkpointing.load(
-        model_sharded_state_dict(chunks), str(Path(path)), strict=StrictHandling.ASSUME_OK_UNEXPECTED
-    )
+    path = Path(path)
+    state = model_sharded_state_dict(chunks)
+    _drop_missing(state, _saved_keys(path), _FRESH_OK)
+    loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, chunk in zip(keys, chunks, strict=True):
-        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        _load_model_chunk(unwrap(chunk), loaded[key], _FRESH_OK, path)
 
 
 def _full_sharded_state_dict(
@@ -311,9 +318,7 @@ def load_checkpoint(
     rng = _rng_sharded_object()
     if rng.key in saved_keys:  # absent when the layout changed or for weights-only imports
         state["rng_state"] = rng
-    # TE modules' `_extra_state` (FP8 metadata) is absent from checkpoints written by the local
-    # backend or by `convert from-hf`; a fresh one is fine.
-    allow_missing = [*allow_missing, "_extra_state"]
+    allow_missing = [*allow_missing, *_FRESH_OK]
     _drop_missing(state, saved_keys, allow_missing)
     try:
         loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
