@@ -127,16 +127,3 @@ def kill_run(proc: subprocess.Popen) -> int:
 def read_metrics(log_dir: Path) -> list[dict]:
     path = log_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def packed_forward(model, packed):
-    """The model's per-token loss on a packed (THD) micro-batch: the call the pretraining stage
-    makes, without CP splitting or a padding mask."""
-    return model(
-        packed.tokens,
-        packed.position_ids,
-        None,
-        labels=packed.labels,
-        loss_mask=packed.loss_mask,
-        packed_seq_params=packed.packed_seq_params,
-    )

@@ -115,15 +115,27 @@ def recipe_keys_in(message: str) -> list[str]:
     return sorted({key for field_name, key in RECIPE_KEYS.items() if field_name in words})
 
 
-def check_gpu_config(arch: ModelArch, model: ModelCfg, parallel: ParallelCfg, precision: PrecisionCfg) -> None:
+def check_gpu_config(
+    arch: ModelArch, model: ModelCfg, parallel: ParallelCfg, precision: PrecisionCfg
+) -> None:
     """Build, here, the exact ``MLATransformerConfig`` the GPU job will build with Transformer Engine,
     so Megatron-Core's own checks run before any GPU is allocated; raise :class:`ConfigRejected`."""
     try:
         with assume_transformer_engine():
-            build_transformer_config(arch, model, parallel, precision, use_cpu_initialization=True, on_gpu=True)
+            build_transformer_config(
+                arch, model, parallel, precision, use_cpu_initialization=True, on_gpu=True
+            )
     except (ValueError, AssertionError, NotImplementedError) as err:
         reason = str(err).strip() or type(err).__name__
         raise ConfigRejected(reason, recipe_keys_in(reason)) from err
+
+
+# Recipe keys that are Megatron-Core TransformerConfig fields of the same name.
+_ARCH_SAME_NAME = (
+    *("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "init_method_std"),
+    *("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"),
+)
+_MODEL_SAME_NAME = ("attention_dropout", "hidden_dropout", "qk_clip", "qk_clip_threshold", "qk_clip_alpha")
 
 
 def build_transformer_config(
@@ -167,10 +179,7 @@ def build_transformer_config(
         # pipeline stages exchange shapes before each activation (p2p_communication.py l.322).
         variable_seq_lengths=parallel.cp > 1 and parallel.pp > 1,
         # Shapes.
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        ffn_hidden_size=arch.ffn_hidden_size,
-        num_attention_heads=arch.num_attention_heads,
+        **{key: getattr(arch, key) for key in _ARCH_SAME_NAME},
         kv_channels=arch.v_head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=arch.rms_norm_eps,
@@ -179,16 +188,9 @@ def build_transformer_config(
         add_bias_linear=False,
         add_qkv_bias=False,
         qk_layernorm=True,  # MLA's q_a_layernorm / kv_a_layernorm on the latent vectors
-        init_method_std=arch.init_method_std,
-        attention_dropout=model.attention_dropout,
-        hidden_dropout=model.hidden_dropout,
+        **{key: getattr(model, key) for key in _MODEL_SAME_NAME},
         # MLA.
         multi_latent_attention=True,
-        q_lora_rank=arch.q_lora_rank,
-        kv_lora_rank=arch.kv_lora_rank,
-        qk_head_dim=arch.qk_head_dim,
-        qk_pos_emb_head_dim=arch.qk_pos_emb_head_dim,
-        v_head_dim=arch.v_head_dim,
         rope_type="rope",  # config.json has no rope_scaling block
         rotary_base=arch.rotary_base,
         rotary_scaling_factor=1.0,
@@ -197,9 +199,6 @@ def build_transformer_config(
         # Megatron-Core fuses MLA's RoPE only for YARN (multi_latent_attention.py rejects it for
         # plain "rope"); JoyAI has no rope_scaling block, so RoPE stays unfused on every backend.
         apply_rope_fusion=False,
-        qk_clip=model.qk_clip,
-        qk_clip_threshold=model.qk_clip_threshold,
-        qk_clip_alpha=model.qk_clip_alpha,
         # MoE.
         moe_layer_freq=list(arch.moe_layer_freq),
         num_moe_experts=arch.num_experts,

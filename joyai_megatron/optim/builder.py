@@ -16,6 +16,12 @@ from megatron.core.optimizer.optimizer import MegatronOptimizer
 from joyai_megatron.config.schema import OptimCfg, ParallelCfg, PrecisionCfg
 
 OPTIMIZERS = ("muon", "adam")
+# optim.* keys passed to Megatron-Core's OptimizerConfig under the same name.
+SAME_NAME = (
+    *("lr", "min_lr", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2", "adam_eps"),
+    *("muon_momentum", "muon_nesterov", "muon_num_ns_steps", "muon_scale_mode"),
+    *("muon_extra_scale_factor", "muon_split_qkv", "muon_tp_mode"),
+)
 
 
 def uses_distributed_optimizer(parallel: ParallelCfg, world_size: int) -> bool:
@@ -34,27 +40,14 @@ def optimizer_config(optim: OptimCfg, parallel: ParallelCfg, precision: Precisio
     distributed = uses_distributed_optimizer(parallel, torch.distributed.get_world_size())
     return OptimizerConfig(
         optimizer=optim.optimizer,
-        lr=optim.lr,
-        min_lr=optim.min_lr,
-        weight_decay=optim.weight_decay,
+        **{key: getattr(optim, key) for key in SAME_NAME},
         decoupled_weight_decay=True,
-        adam_beta1=optim.adam_beta1,
-        adam_beta2=optim.adam_beta2,
-        adam_eps=optim.adam_eps,
-        clip_grad=optim.clip_grad,
         bf16=precision.dtype == "bf16",
         fp16=precision.dtype == "fp16",
         params_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.dtype, torch.float32),
         use_distributed_optimizer=distributed and not muon,
         use_layer_wise_distributed_optimizer=distributed and muon,
         overlap_param_gather_with_optimizer_step=False,
-        muon_momentum=optim.muon_momentum,
-        muon_nesterov=optim.muon_nesterov,
-        muon_num_ns_steps=optim.muon_num_ns_steps,
-        muon_scale_mode=optim.muon_scale_mode,
-        muon_extra_scale_factor=optim.muon_extra_scale_factor,
-        muon_split_qkv=optim.muon_split_qkv,
-        muon_tp_mode=optim.muon_tp_mode,
         muon_scalar_optimizer="adam",
     )
 

@@ -17,7 +17,7 @@ from joyai_megatron.rl.aggregation import (
     token_advantages,
     token_counts,
 )
-from joyai_megatron.rl.kl import KLEstimator, kl_penalty
+from joyai_megatron.rl.kl import KLEstimator, add_kl_penalty
 
 
 def _token_fraction(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -58,9 +58,6 @@ def grpo_loss(
     if dual_clip is not None:
         objective = torch.where(adv < 0, torch.maximum(objective, dual_clip * adv), objective)
     pg_loss = -seq_mean_token_mean(objective, mask, num_sequences)
-    kl_term, kl = kl_penalty(
-        logprobs, ref_logprobs, mask, coef=kl_coef, estimator=kl_estimator, num_sequences=num_sequences
-    )
 
     with torch.no_grad():
         metrics = {"pg_loss": pg_loss.detach(), **ratio_metrics(log_ratio, mask)}
@@ -68,9 +65,9 @@ def grpo_loss(
         metrics["clip_high_frac"] = _token_fraction((adv > 0) & (ratio > 1.0 + eps_high), mask)
         if dual_clip is not None:
             metrics["dual_clip_frac"] = _token_fraction((adv < 0) & (ratio > dual_clip), mask)
-        if kl is not None:
-            metrics["kl"] = kl
-    return pg_loss + kl_term, metrics
+    return add_kl_penalty(
+        pg_loss, metrics, logprobs, ref_logprobs, mask, kl_coef, kl_estimator, num_sequences
+    )
 
 
 def gspo_loss(
@@ -106,9 +103,6 @@ def gspo_loss(
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     objective = torch.minimum(ratio * adv, clipped * adv)
     pg_loss = -seq_mean_token_mean(objective, mask, num_sequences)
-    kl_term, kl = kl_penalty(
-        logprobs, ref_logprobs, mask, coef=kl_coef, estimator=kl_estimator, num_sequences=num_sequences
-    )
 
     with torch.no_grad():
         valid = counts > 0
@@ -118,6 +112,6 @@ def gspo_loss(
         metrics["seq_ratio_max"] = masked_token_max(seq_ratio, valid)
         metrics["clip_low_frac"] = _token_fraction((adv < 0) & (ratio < 1.0 - eps_low), mask)
         metrics["clip_high_frac"] = _token_fraction((adv > 0) & (ratio > 1.0 + eps_high), mask)
-        if kl is not None:
-            metrics["kl"] = kl
-    return pg_loss + kl_term, metrics
+    return add_kl_penalty(
+        pg_loss, metrics, logprobs, ref_logprobs, mask, kl_coef, kl_estimator, num_sequences
+    )

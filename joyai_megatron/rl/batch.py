@@ -143,37 +143,29 @@ def assign_advantages(
 
 
 def _row(traj: Trajectory | None, seq_length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    tokens = torch.full((seq_length,), pad_id, dtype=torch.long)
-    labels = torch.full((seq_length,), pad_id, dtype=torch.long)
-    mask = torch.zeros(seq_length)
-    rollout_lp = torch.zeros(seq_length)
-    position = torch.arange(seq_length)
+    """One training row: the trajectory's tokens then padding, or all padding for ``None``."""
+    row = {
+        "tokens": torch.full((seq_length,), pad_id, dtype=torch.long),
+        "labels": torch.full((seq_length,), pad_id, dtype=torch.long),
+        "loss_mask": torch.zeros(seq_length),
+        "rollout_logprobs": torch.zeros(seq_length),
+        "position_ids": torch.arange(seq_length),
+    }
     if traj is None:
-        return {
-            "tokens": tokens,
-            "labels": labels,
-            "loss_mask": mask,
-            "rollout_logprobs": rollout_lp,
-            "position_ids": position,
-        }
+        return row
     p, r = len(traj.prompt_ids), len(traj.response_ids)
     length = p + r
     if length > seq_length:
         raise ValueError(f"trajectory of {length} tokens exceeds train.seq_length={seq_length}")
+    tokens = row["tokens"]
     tokens[:length] = torch.tensor(traj.prompt_ids + traj.response_ids)
-    labels[: length - 1] = tokens[1:length]
-    mask[p - 1 : length - 1] = (
+    row["labels"][: length - 1] = tokens[1:length]
+    row["loss_mask"][p - 1 : length - 1] = (
         1.0 if traj.response_mask is None else torch.tensor(traj.response_mask, dtype=torch.float32)
     )
-    rollout_lp[p - 1 : length - 1] = torch.tensor(traj.rollout_logprobs, dtype=torch.float32)
-    position[length:] = torch.arange(seq_length - length)  # the padding is a segment of its own
-    return {
-        "tokens": tokens,
-        "labels": labels,
-        "loss_mask": mask,
-        "rollout_logprobs": rollout_lp,
-        "position_ids": position,
-    }
+    row["rollout_logprobs"][p - 1 : length - 1] = torch.tensor(traj.rollout_logprobs, dtype=torch.float32)
+    row["position_ids"][length:] = torch.arange(seq_length - length)  # the padding is a segment of its own
+    return row
 
 
 def micro_batches(

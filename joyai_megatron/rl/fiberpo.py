@@ -48,7 +48,7 @@ from joyai_megatron.rl.aggregation import (
     token_advantages,
     token_counts,
 )
-from joyai_megatron.rl.kl import KLEstimator, kl_penalty
+from joyai_megatron.rl.kl import KLEstimator, add_kl_penalty
 
 # Defaults (docs/fiberpo.md gives the reasoning): the base budgets equal GSPO's sequence clip range
 # when a trajectory drifts one way (C+ = 4e-4, C- = 3e-4), and the token residual stays well inside
@@ -231,13 +231,10 @@ def weighted_pg_loss(
     """-seq_mean_token_mean(G * A) + KL term, with `pg_loss`, `weight_mean` and `kl` metrics."""
     weight = torch.where(mask, log_weight.exp(), torch.zeros_like(log_weight))
     pg_loss = -seq_mean_token_mean(weight * adv, mask, num_sequences)
-    kl_term, kl = kl_penalty(
-        logprobs, ref_logprobs, mask, coef=kl_coef, estimator=kl_estimator, num_sequences=num_sequences
-    )
     metrics = {"pg_loss": pg_loss.detach(), "weight_mean": masked_token_mean(weight.detach(), mask)}
-    if kl is not None:
-        metrics["kl"] = kl
-    return pg_loss + kl_term, metrics
+    return add_kl_penalty(
+        pg_loss, metrics, logprobs, ref_logprobs, mask, kl_coef, kl_estimator, num_sequences
+    )
 
 
 def fiber_loss(

@@ -27,21 +27,22 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: K
     raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1' or 'k3'")
 
 
-def kl_penalty(
+def add_kl_penalty(
+    pg_loss: torch.Tensor,
+    metrics: dict[str, torch.Tensor],
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
     mask: torch.Tensor,
-    *,
     coef: float,
     estimator: KLEstimator,
     num_sequences: float | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """coef * seq-mean-token-mean KL (the term added to the loss) and the unscaled KL for logging.
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``pg_loss`` + coef * seq-mean-token-mean KL, and ``metrics`` with the unscaled ``kl``.
 
-    Returns (0, None) when the penalty is off (coef == 0), so no reference forward is needed.
+    With the penalty off (coef == 0) both come back unchanged, so no reference forward is needed.
     """
     if coef == 0.0:
-        return logprobs.new_zeros((), dtype=compute_dtype(logprobs)), None
+        return pg_loss, metrics
     if ref_logprobs is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs")
     if ref_logprobs.shape != logprobs.shape:
@@ -49,6 +50,6 @@ def kl_penalty(
     zeros = torch.zeros_like(logprobs, dtype=compute_dtype(logprobs))
     policy = torch.where(mask, logprobs.to(zeros.dtype), zeros)
     ref = torch.where(mask, ref_logprobs.to(zeros.dtype), zeros)
-    per_token = kl_estimate(policy, ref, estimator)
-    kl = seq_mean_token_mean(per_token, mask, num_sequences)
-    return coef * kl, kl.detach()
+    kl = seq_mean_token_mean(kl_estimate(policy, ref, estimator), mask, num_sequences)
+    metrics["kl"] = kl.detach()
+    return pg_loss + coef * kl, metrics

@@ -35,6 +35,11 @@ class LossInputs:
     group_ids: torch.Tensor  # [batch]
     domain_ids: torch.Tensor  # [batch]
 
+    @property
+    def policy(self) -> tuple[torch.Tensor, ...]:
+        """The leading positional arguments of every loss: logprobs, old logprobs, advantages, mask."""
+        return self.logprobs, self.old_logprobs, self.advantages, self.mask
+
 
 # rl.loss -> (rl section, inputs, the keyword arguments every loss takes) -> (loss, metrics)
 PolicyLoss = Callable[[RLCfg, LossInputs, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -62,48 +67,27 @@ def _clip_kwargs(rl: RLCfg) -> dict[str, float]:
 
 @register_loss("fiberpo")
 def _fiberpo(rl: RLCfg, x: LossInputs, common: dict[str, Any]):
-    return fiberpo_loss(
-        x.logprobs,
-        x.old_logprobs,
-        x.advantages,
-        x.mask,
-        delta=rl.delta,
-        c_minus=rl.c_minus,
-        eps=rl.eps,
-        **common,
-    )
+    return fiberpo_loss(*x.policy, delta=rl.delta, c_minus=rl.c_minus, eps=rl.eps, **common)
 
 
 @register_loss("fiberpo_domain")
 def _fiberpo_domain(rl: RLCfg, x: LossInputs, common: dict[str, Any]):
-    return fiberpo_domain_loss(
-        x.logprobs,
-        x.old_logprobs,
-        x.advantages,
-        x.mask,
-        x.domain_ids,
-        x.group_ids,
-        delta=rl.delta,
-        c_minus=rl.c_minus,
-        group_delta=rl.group_delta,
-        group_c_minus=rl.group_c_minus,
-        domain_delta=rl.domain_delta,
-        domain_c_minus=rl.domain_c_minus,
-        eps=rl.eps,
-        **common,
-    )
+    budgets = {
+        f"{level}{name}": getattr(rl, f"{level}{name}")
+        for level in ("", "group_", "domain_")
+        for name in ("delta", "c_minus")
+    }
+    return fiberpo_domain_loss(*x.policy, x.domain_ids, x.group_ids, eps=rl.eps, **budgets, **common)
 
 
 @register_loss("grpo")
 def _grpo(rl: RLCfg, x: LossInputs, common: dict[str, Any]):
-    return grpo_loss(
-        x.logprobs, x.old_logprobs, x.advantages, x.mask, dual_clip=rl.dual_clip, **_clip_kwargs(rl), **common
-    )
+    return grpo_loss(*x.policy, dual_clip=rl.dual_clip, **_clip_kwargs(rl), **common)
 
 
 @register_loss("gspo")
 def _gspo(rl: RLCfg, x: LossInputs, common: dict[str, Any]):
-    return gspo_loss(x.logprobs, x.old_logprobs, x.advantages, x.mask, **_clip_kwargs(rl), **common)
+    return gspo_loss(*x.policy, **_clip_kwargs(rl), **common)
 
 
 def check_rl_config(rl: RLCfg) -> None:

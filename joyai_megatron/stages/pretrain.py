@@ -51,16 +51,25 @@ def forward_packed(model: torch.nn.Module, packed: PackedBatch, sequence_paralle
     share of it on the device, the per-token loss, and the loss function the schedule calls."""
     packed = split_for_context_parallel(packed, sequence_parallel=sequence_parallel)
     packed = packed.to(current_device())
-    output = model(
+    output = packed_token_losses(
+        model, packed, stage_padding_mask(model, packed.padding_mask(current_device()))
+    )
+    return output, partial(token_loss, packed.loss_mask)
+
+
+def packed_token_losses(
+    model: torch.nn.Module, packed: PackedBatch, padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The model's per-token loss on a packed (THD) micro-batch already on its device and CP rank."""
+    return model(
         packed.tokens,
         packed.position_ids,
         None,
         labels=packed.labels,
         loss_mask=packed.loss_mask,
         packed_seq_params=packed.packed_seq_params,
-        padding_mask=stage_padding_mask(model, packed.padding_mask(current_device())),
+        padding_mask=padding_mask,
     )
-    return output, partial(token_loss, packed.loss_mask)
 
 
 def token_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:

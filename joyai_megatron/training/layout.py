@@ -59,33 +59,19 @@ def validate_layout(recipe: Recipe, arch: ModelArch, world_size: int) -> Layout:
     dp = max(world_size // model_parallel, 1)
     expert_dp = max(world_size // expert_parallel, 1)
 
-    # Tensor parallelism splits heads, FFN columns and the vocabulary.
-    _require(
-        arch.num_attention_heads % p.tp == 0,
-        f"num_attention_heads {arch.num_attention_heads} is not divisible by tp {p.tp}",
-        errors,
-    )
-    _require(
-        arch.ffn_hidden_size % p.tp == 0, f"ffn_hidden_size {arch.ffn_hidden_size} % tp {p.tp} != 0", errors
-    )
-    _require(
-        arch.vocab_size % p.tp == 0, f"vocab_size {arch.vocab_size} is not divisible by tp {p.tp}", errors
-    )
+    # Tensor parallelism splits heads, FFN columns and the vocabulary; expert parallelism splits
+    # experts; expert-TP splits each expert's FFN.
+    splits = [
+        ("num_attention_heads", arch.num_attention_heads, "tp", p.tp),
+        ("ffn_hidden_size", arch.ffn_hidden_size, "tp", p.tp),
+        ("vocab_size", arch.vocab_size, "tp", p.tp),
+        ("num_experts", arch.num_experts, "ep", p.ep),
+        ("moe_ffn_hidden_size", arch.moe_ffn_hidden_size, "etp", p.etp),
+    ]
     if arch.num_shared_experts:
-        _require(
-            arch.shared_expert_hidden_size % p.tp == 0,
-            f"shared expert width {arch.shared_expert_hidden_size} is not divisible by tp {p.tp}",
-            errors,
-        )
-    # Expert parallelism splits experts; expert-TP splits each expert's FFN.
-    _require(
-        arch.num_experts % p.ep == 0, f"num_experts {arch.num_experts} is not divisible by ep {p.ep}", errors
-    )
-    _require(
-        arch.moe_ffn_hidden_size % p.etp == 0,
-        f"moe_ffn_hidden_size {arch.moe_ffn_hidden_size} is not divisible by etp {p.etp}",
-        errors,
-    )
+        splits.append(("shared expert width", arch.shared_expert_hidden_size, "tp", p.tp))
+    for what, size, by_name, by in splits:
+        _require(size % by == 0, f"{what} {size} is not divisible by {by_name} {by}", errors)
     _require(
         arch.moe_router_topk <= arch.num_experts,
         f"moe_router_topk {arch.moe_router_topk} exceeds num_experts {arch.num_experts}",

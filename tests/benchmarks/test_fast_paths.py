@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from joyai_megatron.config.schema import ModelCfg, ParallelCfg, PrecisionCfg
 from joyai_megatron.model.config import build_transformer_config
 from joyai_megatron.model.presets import get_preset
-from tests.joyai_helpers import packed_forward
+from joyai_megatron.stages.pretrain import packed_token_losses
 
 
 def tiny_config(**model: object):
@@ -235,7 +235,7 @@ def test_foreach_multi_tensor_ops_match_their_definitions() -> None:
 
 
 def _forward_backward(model: torch.nn.Module, packed) -> torch.Tensor:
-    loss = packed_forward(model, packed).sum()
+    loss = packed_token_losses(model, packed).sum()
     loss.backward()
     return loss.detach()
 

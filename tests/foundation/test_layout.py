@@ -103,7 +103,7 @@ def test_every_break_is_reported_at_once(tmp_path: Path) -> None:
     message = str(err.value)
     assert "num_attention_heads 4 is not divisible by tp 3" in message
     assert "num_experts 8 is not divisible by ep 3" in message
-    assert "ffn_hidden_size 128 % tp 3" in message
+    assert "ffn_hidden_size 128 is not divisible by tp 3" in message
 
 
 def test_valid_layout_gives_the_group_sizes(tmp_path: Path) -> None:

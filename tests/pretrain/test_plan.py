@@ -15,11 +15,12 @@ from joyai_megatron import cli
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.model.count import build_on_meta, count_model
 from joyai_megatron.model.presets import PRESETS, TINY, arch_from_dict, recipe_arch
+from joyai_megatron.stages.pretrain import packed_token_losses
 from joyai_megatron.training import plan
 from joyai_megatron.training.distributed import init_distributed
 from joyai_megatron.training.layout import validate_layout
 from tests.foundation.foundation_helpers import load_tiny
-from tests.joyai_helpers import REPO, packed_forward, run_cli
+from tests.joyai_helpers import REPO, run_cli
 
 STAGE1 = "recipes/pretrain/joyai_48b_a3b/stage1.yaml"
 STAGE3 = "recipes/pretrain/joyai_48b_a3b/stage3.yaml"
@@ -172,7 +173,7 @@ def test_activation_estimate_is_near_the_measured_saved_tensors(single_process: 
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        packed_forward(model, packed)
+        packed_token_losses(model, packed)
     measured = sum(kept.values())
     setting = plan.ActivationSetting(256, 4, 1, 1, False, "none", frozenset(), True)
     chunk = plan.Chunk(layers=list(range(arch.num_layers)), embedding=True, loss=True, mtp=1)

@@ -87,6 +87,15 @@ class Tool(ABC):
 _TOOLS: dict[str, type[Tool]] = {}
 
 
+def string_arguments(*names: str) -> dict[str, Any]:
+    """The JSON schema of a tool whose arguments are the given required strings."""
+    return {
+        "type": "object",
+        "properties": {name: {"type": "string"} for name in names},
+        "required": list(names),
+    }
+
+
 def register_tool(cls: type[Tool]) -> type[Tool]:
     if cls.name in _TOOLS:
         raise ValueError(f"tool {cls.name!r} is already registered")
@@ -169,11 +178,7 @@ def calculate(expression: str) -> int:
 class Calculator(Tool):
     name = "calculator"
     description = "Exact integer arithmetic: + - * // % ** and parentheses."
-    parameters = {
-        "type": "object",
-        "properties": {"expression": {"type": "string"}},
-        "required": ["expression"],
-    }
+    parameters = string_arguments("expression")
 
     def run(self, arguments: dict[str, Any], timeout_s: float) -> ToolResult:
         del timeout_s  # bounded by MAX_BITS: microseconds
@@ -197,11 +202,7 @@ class PythonExecutor(Tool):
 
     name = "python"
     description = "Run a Python program; returns its standard output."
-    parameters = {
-        "type": "object",
-        "properties": {"code": {"type": "string"}},
-        "required": ["code"],
-    }
+    parameters = string_arguments("code")
     memory_mb = 256
 
     def run(self, arguments: dict[str, Any], timeout_s: float) -> ToolResult:
