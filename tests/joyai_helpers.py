@@ -127,3 +127,9 @@ def kill_run(proc: subprocess.Popen) -> int:
 def read_metrics(log_dir: Path) -> list[dict]:
     path = log_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def relative_error(a, b) -> float:
+    """||a - b|| / ||b|| in fp32 (``a`` reshaped to ``b``'s shape)."""
+    b = b.float()
+    return float((a.float().reshape(b.shape) - b).norm() / b.norm().clamp_min(1e-30))

@@ -115,16 +115,12 @@ def recipe_keys_in(message: str) -> list[str]:
     return sorted({key for field_name, key in RECIPE_KEYS.items() if field_name in words})
 
 
-def check_gpu_config(
-    arch: ModelArch, model: ModelCfg, parallel: ParallelCfg, precision: PrecisionCfg
-) -> None:
+def check_gpu_config(arch: ModelArch, model: ModelCfg, parallel: ParallelCfg, precision: PrecisionCfg) -> None:
     """Build, here, the exact ``MLATransformerConfig`` the GPU job will build with Transformer Engine,
     so Megatron-Core's own checks run before any GPU is allocated; raise :class:`ConfigRejected`."""
     try:
         with assume_transformer_engine():
-            build_transformer_config(
-                arch, model, parallel, precision, use_cpu_initialization=True, on_gpu=True
-            )
+            build_transformer_config(arch, model, parallel, precision, use_cpu_initialization=True, on_gpu=True)
     except (ValueError, AssertionError, NotImplementedError) as err:
         reason = str(err).strip() or type(err).__name__
         raise ConfigRejected(reason, recipe_keys_in(reason)) from err

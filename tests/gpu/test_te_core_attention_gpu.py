@@ -11,12 +11,11 @@ peaked: at init-scale inputs softmax is near uniform and a wrong scale would hid
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
-from tests.joyai_helpers import free_port
+from tests.joyai_helpers import relative_error
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,6 +40,8 @@ def _reference(q, k, v, d_out, allowed):
 
 
 def _block_causal(cu: list[int]) -> torch.Tensor:
+    """Per-document causal mask, written here rather than taken from model/attention.py: the
+    reference must not share code with the local backend it checks."""
     t = cu[-1]
     doc = torch.zeros(t, dtype=torch.long)
     for i, (a, b) in enumerate(zip(cu[:-1], cu[1:], strict=False)):
@@ -49,21 +50,11 @@ def _block_causal(cu: list[int]) -> torch.Tensor:
     return ((doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])).cuda()
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
-
-
 @pytest.fixture(scope="module")
 def megatron_groups():
-    from megatron.core import parallel_state
+    from joyai_megatron.training.checkpoint_model import init_single_process
 
-    if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        torch.distributed.init_process_group("nccl", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    yield
-    parallel_state.destroy_model_parallel()
+    init_single_process()
 
 
 def _core_attention(backend: str):
@@ -144,7 +135,7 @@ def test_core_attention_matches_fp32_math_at_mla_head_dims(
         "dk": ref_dk[0].transpose(0, 1),
         "dv": ref_dv[0].transpose(0, 1),
     }
-    errors = {name: _rel(got[name], want[name]) for name in got}
+    errors = {name: relative_error(got[name], want[name]) for name in got}
     norms = {name: float(got[name].float().norm() / want[name].norm()) for name in got}
     print(f"{backend} {layout}: relative error {errors}, norm ratio {norms}")
     # bf16 inputs and outputs: relative error of a whole tensor stays near bf16's 2^-8 = 0.4%.

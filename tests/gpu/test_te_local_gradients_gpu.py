@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.joyai_helpers import relative_error
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -23,15 +25,16 @@ pytestmark = [
     ),
 ]
 
-TE_NAMES = {
-    "self_attention.q_layernorm.weight": "self_attention.linear_q_up_proj.layer_norm_weight",
-    "self_attention.kv_layernorm.weight": "self_attention.linear_kv_up_proj.layer_norm_weight",
-    "layers.0.pre_mlp_layernorm.weight": "layers.0.mlp.linear_fc1.layer_norm_weight",
-}
 
+def _te_name(local_name: str, dense_layers: set[int]) -> str:
+    """The te model's name of a local parameter: TE fuses some norms into the next linear
+    (the same maps that give both backends one checkpoint format, model/spec.py)."""
+    from joyai_megatron.model.spec import TE_DENSE_NORM_NAMES, TE_NORM_NAMES
 
-def _te_name(local_name: str) -> str:
-    for old, new in TE_NAMES.items():
+    names = dict(TE_NORM_NAMES)
+    if any(f"layers.{i}." in local_name for i in dense_layers):
+        names.update(TE_DENSE_NORM_NAMES)
+    for old, new in names.items():
         local_name = local_name.replace(old, new)
     return local_name
 
@@ -62,10 +65,6 @@ def _run(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict,
     return logits.detach().float(), captured, grads
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.reshape(b.shape) - b).norm() / b.norm().clamp_min(1e-30))
-
-
 @pytest.mark.parametrize("dtype,tol", [("fp32", 2e-3), ("bf16", 3e-2)])
 def test_te_model_matches_local_per_tensor(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, tol: float
@@ -92,17 +91,18 @@ def test_te_model_matches_local_per_tensor(
     local_logits, local_qkv, local_grads = _run(local, ids)
     te_logits, te_qkv, te_grads = _run(te, ids)
 
-    report = {"logits": _rel(te_logits, local_logits)}
+    report = {"logits": relative_error(te_logits, local_logits)}
     for i, tensors in local_qkv.items():
         for name, a, b in zip("qkv", te_qkv[i], tensors, strict=True):
-            report[f"layer{i}.{name}"] = _rel(a, b)
+            report[f"layer{i}.{name}"] = relative_error(a, b)
+    dense = {i for i, moe in enumerate(arch.moe_layer_freq) if not moe}
     missing = []
     for name, g in local_grads.items():
-        other = te_grads.get(_te_name(name))
+        other = te_grads.get(_te_name(name, dense))
         if other is None:
             missing.append(name)
             continue
-        report[f"grad {name}"] = _rel(other, g)
+        report[f"grad {name}"] = relative_error(other, g)
     print(f"{dtype}: " + ", ".join(f"{k} {v:.2e}" for k, v in report.items()))
     assert not missing, f"te has no tensor named like {missing}"
     bad = {k: v for k, v in report.items() if v > tol}
