@@ -62,6 +62,14 @@ PATCHES: tuple[Patch, ...] = (
         "install_replicated_down_projection",
     ),
     Patch(
+        "MLA THD values unpadded",
+        "mla",
+        "transformer/multi_latent_attention.py l.85-99 (zero-pads values to the q/k width in THD; "
+        "TE 2.12's fused attention returns wrong gradients for that call)",
+        "always",
+        "install_unpadded_thd_value",
+    ),
+    Patch(
         "multi-tensor ops",
         "multi_tensor",
         "optimizer/clip_grads.py and optimizer/optimizer.py local "

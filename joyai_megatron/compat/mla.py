@@ -1,4 +1,18 @@
-"""MLA's down projections as replicated linears when Transformer Engine is absent.
+"""MLA adaptations: replicated down projections without Transformer Engine; THD values unpadded.
+
+**Unpadded THD values** (both backends).  For packed (THD) batches Megatron-Core 0.19.2 pads MLA's
+128-dim values with zeros to the 192-dim query/key width before core attention and trims the
+output (``transformer/multi_latent_attention.py`` l.85-99, ``_prepare_mla_core_attention_value``),
+a workaround from when Transformer Engine had no THD kernel for unequal head dims.  On an H200 with
+TE 2.12 the padded call is what goes wrong: cuDNN fused attention returns the right output but
+gradients 15-18% (dq, dk) and 9% (dv) off fp32 math, at any head count, input scale or document
+split; the same call with the 128-dim values is exact (2.5e-3, bf16 rounding).  In the whole model
+that was every ``te`` pretraining run's attention gradient (q projections 30% off, 12-14% in
+step-1 gradient norms; tests/gpu/test_te_local_gradients_gpu.py, thd).  Unpadded, both backends
+get the values as they are, and the ``local`` backend no longer spends a third of its
+probability-times-value work on zeros.
+
+**Replicated down projections** (no TE).
 
 With TE, Megatron-Core builds ``linear_q_down_proj``/``linear_kv_down_proj`` as ``TELinear``
 (``parallel_mode="duplicated"``): every TP rank holds the whole matrix and, under sequence
@@ -36,7 +50,9 @@ class ReplicatedLinear(Linear):
     """Megatron-Core's replicated ``Linear``, initialised with the config's ``init_method`` like
     ``TELinear`` (the parent keeps ``torch.nn.Linear``'s Kaiming default, 3.6x wider at hidden 64)."""
 
-    def __init__(self, input_size: int, output_size: int, *, config: Any, init_method: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, *, config: Any, init_method: Any, **kwargs: Any
+    ) -> None:
         super().__init__(input_size, output_size, config=config, init_method=init_method, **kwargs)
         if config.perform_initialization:
             with torch.no_grad():
@@ -67,3 +83,24 @@ def replicated_down_projection() -> type:
     if multi_latent_attention.Linear is None:
         raise RuntimeError("MLA's replicated Linear is unset: call joyai_megatron.compat.install() first")
     return multi_latent_attention.Linear
+
+
+UPSTREAM_VALUE_PREP = multi_latent_attention._prepare_mla_core_attention_value
+
+
+def _value_as_is(
+    parallel_attention: Any, query: torch.Tensor, value: torch.Tensor | None, packed_seq_params: Any
+):
+    """Upstream's signature and return shape ``(value, need_v_pad, orig_v_dim, padded_v_dim)``,
+    never padding: core attention takes the 128-dim values in THD as in ``sbhd``."""
+    dim = value.shape[-1] if value is not None else None
+    return value, False, dim, dim
+
+
+def install_unpadded_thd_value() -> bool:
+    """Replace ``_prepare_mla_core_attention_value`` (both of its callers look it up in the module);
+    returns whether it changed."""
+    if multi_latent_attention._prepare_mla_core_attention_value is _value_as_is:
+        return False
+    multi_latent_attention._prepare_mla_core_attention_value = _value_as_is
+    return True

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -67,16 +67,23 @@ def build_megatron_model(
     post_process: bool = True,
     pp_rank: int | None = None,
     seed: int = 1234,
+    model_cfg: ModelCfg | None = None,
+    routing_replay: bool = False,
 ):
-    """Our GPTModel for ``arch`` (model-parallel state must already be initialised)."""
+    """Our GPTModel for ``arch`` (model-parallel state must already be initialised).
+
+    ``model_cfg``: a recipe's model section (recompute, grouped experts, dispatcher...) so a check
+    builds what a shipped recipe trains, with ``backend`` and ``mtp`` from the arguments;
+    ``routing_replay``: routers own a ``RouterReplay`` (a check feeds one model's expert choices
+    to another)."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from joyai_megatron.model.build import build_joyai_model
     from joyai_megatron.model.config import build_transformer_config
 
-    config = build_transformer_config(
-        arch, ModelCfg(backend=backend, mtp_enabled=mtp), parallel or ParallelCfg(), PrecisionCfg(dtype=dtype)
-    )
+    model_cfg = replace(model_cfg or ModelCfg(), backend=backend, mtp_enabled=mtp)
+    config = build_transformer_config(arch, model_cfg, parallel or ParallelCfg(), PrecisionCfg(dtype=dtype))
+    config.moe_enable_routing_replay = routing_replay
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     model = build_joyai_model(

@@ -37,6 +37,7 @@ state = {
     "cpu redirects": cpu._applied,
     "no-TE recompute": mcore_random.FP8GlobalStateManager is no_te._STAND_INS["FP8GlobalStateManager"],
     "MLA down projections": multi_latent_attention.Linear is mla.ReplicatedLinear,
+    "MLA THD values unpadded": multi_latent_attention._prepare_mla_core_attention_value is mla._value_as_is,
     "multi-tensor ops": clip_grads.l2_norm_impl is multi_tensor.foreach_l2_norm,
     "ZeRO-1 gaps": any(getattr(getattr(o, a), "__joyai_zero1__", False) for o, a, *_ in
                        __import__("joyai_megatron.compat.zero1", fromlist=["_PATCHES"])._PATCHES),
