@@ -142,19 +142,13 @@ def run(args: argparse.Namespace) -> object:
 
         return {"files": [str(p) for p in make_corpus(Path(args.output), args.seed)]}
     if args.command in ("sft", "dpo"):
+        from data_prep.chat_prep import PrepOptions
         from data_prep.dpo import prepare_dpo
         from data_prep.sft import prepare_sft
 
         prepare = prepare_sft if args.command == "sft" else prepare_dpo
-        return prepare(
-            args.input,
-            args.tokenizer,
-            args.output,
-            args.seq_length,
-            args.on_error,
-            args.engine,
-            _limits(args),
-        )
+        options = PrepOptions(args.on_error, args.engine, _limits(args))
+        return prepare(args.input, args.tokenizer, args.output, args.seq_length, options)
     if args.command == "rl":
         from data_prep.rl import prepare_rl
 

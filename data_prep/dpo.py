@@ -18,12 +18,10 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep.chat import encode_rendered, parse_conversation, parse_messages, render
-from data_prep.errors import BadRecord, DataPrepError, ErrorPolicy, OnError, OutputLimits
-from data_prep.pretrain import expand_inputs
-from data_prep.readers import iter_records
-from data_prep.sft import shift_labels, template_sha256
-from data_prep.storage import OutputSet, list_column, read_parquet, write_json, write_parquet
-from data_prep.tokenizer import Engine, make_encoder, tokenizer_info
+from data_prep.chat_prep import ChatPrep, PrepOptions
+from data_prep.errors import BadRecord, DataPrepError
+from data_prep.sft import shift_labels
+from data_prep.storage import list_column, read_parquet
 
 PREFERENCE_FORMAT = "joyai-preference/1"
 SIDES = ("chosen", "rejected")
@@ -65,13 +63,7 @@ def _render_pair(record: dict[str, Any], path: str, line: int) -> list[tuple[str
 
 
 def prepare_dpo(
-    inputs: list[str],
-    tokenizer: str,
-    output: str,
-    seq_length: int,
-    on_error: OnError = "fail",
-    engine: Engine = "auto",
-    limits: OutputLimits | None = None,
+    inputs: list[str], tokenizer: str, output: str, seq_length: int, options: PrepOptions = PrepOptions()
 ) -> dict[str, Any]:
     """Validate, render and tokenize preference pairs; writes ``output`` and its ``.stats.json``.
 
@@ -79,28 +71,24 @@ def prepare_dpo(
     zero): such pairs are kept but counted as ``identical_pair`` warnings, and a set made only of
     them is refused.
     """
-    policy = ErrorPolicy(on_error, limits)
-    info = tokenizer_info(tokenizer)
-    encoder = make_encoder(tokenizer, engine)
+    job = ChatPrep(tokenizer, options)
+    policy = job.policy
     sources, rendered = [], []
     records = 0
-    for path in expand_inputs(inputs):
-        for line, record in iter_records(path, policy):
-            records += 1
-            try:
-                rendered.extend(_render_pair(record, path, line))
-                sources.append((path, line))
-            except BadRecord as err:
-                policy.handle(err)
-    encoded = encode_rendered(encoder, rendered)
+    for path, line, record in job.records(inputs):
+        records += 1
+        try:
+            rendered.extend(_render_pair(record, path, line))
+            sources.append((path, line))
+        except BadRecord as err:
+            policy.handle(err)
+    encoded = encode_rendered(job.encoder, rendered)
     columns: dict[str, list[np.ndarray]] = {
         f"{s}_{c}": [] for s in SIDES for c in ("input_ids", "assistant_mask")
     }
     for k, (path, line) in enumerate(sources):
         pair = encoded[2 * k : 2 * k + 2]
-        longest = max(len(ids) for ids, _ in pair)
-        if longest > seq_length:
-            policy.handle(BadRecord(path, line, "too_long", f"{longest} tokens > --seq-length {seq_length}"))
+        if job.too_long(path, line, max(len(ids) for ids, _ in pair), seq_length):
             continue
         if np.array_equal(pair[0][0], pair[1][0]):
             policy.warn("identical_pair")
@@ -128,22 +116,9 @@ def prepare_dpo(
         "tokens": int(sum(len(ids) for side in SIDES for ids in columns[f"{side}_input_ids"])),
         "skipped": dict(sorted(policy.skipped.items())),
         "warnings": dict(sorted(policy.warnings.items())),
-        "engine": encoder.name,
+        "engine": job.encoder.name,
     }
-    with OutputSet() as out:
-        write_parquet(
-            out.stage(output),
-            table,
-            {
-                "format": PREFERENCE_FORMAT,
-                "seq_length": seq_length,
-                "pad_id": info.pad_id,
-                "tokenizer_sha256": info.sha256,
-                "template_sha256": template_sha256(),
-            },
-        )
-        write_json(out.stage(f"{output}.stats.json"), stats)
-    return stats
+    return job.publish(output, table, PREFERENCE_FORMAT, seq_length, stats)
 
 
 class PreferenceDataset:

@@ -14,68 +14,48 @@ conversation, loss mask shifted with them, positions restarting at 0 per convers
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from data_prep.chat import TEMPLATE_PATH, encode_rendered, parse_conversation, render
-from data_prep.errors import BadRecord, ErrorPolicy, OnError, OutputLimits
+from data_prep.chat import encode_rendered, parse_conversation, render
+from data_prep.chat_prep import ChatPrep, PrepOptions
+from data_prep.errors import BadRecord
 from data_prep.packing import best_fit_decreasing
-from data_prep.pretrain import expand_inputs
-from data_prep.readers import iter_records
-from data_prep.storage import OutputSet, list_column, read_parquet, write_json, write_parquet
-from data_prep.tokenizer import Engine, make_encoder, tokenizer_info
+from data_prep.storage import list_column, read_parquet
 
 SFT_FORMAT = "joyai-packed-sft/1"
 _ENCODE_CHUNK = 4096
 
 
-def template_sha256() -> str:
-    return hashlib.sha256(TEMPLATE_PATH.read_bytes()).hexdigest()
-
-
 def prepare_sft(
-    inputs: list[str],
-    tokenizer: str,
-    output: str,
-    seq_length: int,
-    on_error: OnError = "fail",
-    engine: Engine = "auto",
-    limits: OutputLimits | None = None,
+    inputs: list[str], tokenizer: str, output: str, seq_length: int, options: PrepOptions = PrepOptions()
 ) -> dict[str, Any]:
     """Validate, render, tokenize and pack; writes ``output`` and ``output``'s ``.stats.json``."""
-    policy = ErrorPolicy(on_error, limits)
-    info = tokenizer_info(tokenizer)
-    encoder = make_encoder(tokenizer, engine)
+    job = ChatPrep(tokenizer, options)
     sequences: list[tuple[np.ndarray, np.ndarray]] = []
     pending: list[tuple[tuple[str, int], tuple[str, list[tuple[int, int]]]]] = []
     conversations = 0
 
     def flush() -> None:
         for (path, line), (ids, mask) in zip(
-            [p for p, _ in pending], encode_rendered(encoder, [r for _, r in pending]), strict=True
+            [p for p, _ in pending], encode_rendered(job.encoder, [r for _, r in pending]), strict=True
         ):
-            if len(ids) > seq_length:
-                policy.handle(
-                    BadRecord(path, line, "too_long", f"{len(ids)} tokens > --seq-length {seq_length}")
-                )
-                continue
-            sequences.append((ids, mask))
+            if not job.too_long(path, line, len(ids), seq_length):
+                sequences.append((ids, mask))
         pending.clear()
 
-    for path in expand_inputs(inputs):
-        for line, record in iter_records(path, policy):
-            conversations += 1
-            try:
-                pending.append(((path, line), render(parse_conversation(record, path, line, True))))
-            except BadRecord as err:
-                policy.handle(err)
-            if len(pending) >= _ENCODE_CHUNK:
-                flush()
+    for path, line, record in job.records(inputs):
+        conversations += 1
+        try:
+            pending.append(((path, line), render(parse_conversation(record, path, line, True))))
+        except BadRecord as err:
+            job.policy.handle(err)
+        if len(pending) >= _ENCODE_CHUNK:
+            flush()
     flush()
-    policy.check_outcome(len(sequences), "conversations", output)
+    job.policy.check_outcome(len(sequences), "conversations", output)
     rows = best_fit_decreasing([len(ids) for ids, _ in sequences], seq_length)
     table = pa.table(
         {
@@ -103,23 +83,10 @@ def prepare_sft(
         "assistant_tokens": int(sum(int(mask.sum()) for _, mask in sequences)),
         "padding_tokens": capacity - tokens,
         "padding_fraction": (capacity - tokens) / capacity if capacity else 0.0,
-        "skipped": dict(sorted(policy.skipped.items())),
-        "engine": encoder.name,
+        "skipped": dict(sorted(job.policy.skipped.items())),
+        "engine": job.encoder.name,
     }
-    with OutputSet() as out:
-        write_parquet(
-            out.stage(output),
-            table,
-            {
-                "format": SFT_FORMAT,
-                "seq_length": seq_length,
-                "pad_id": info.pad_id,
-                "tokenizer_sha256": info.sha256,
-                "template_sha256": template_sha256(),
-            },
-        )
-        write_json(out.stage(f"{output}.stats.json"), stats)
-    return stats
+    return job.publish(output, table, SFT_FORMAT, seq_length, stats)
 
 
 def shift_labels(
