@@ -12,7 +12,9 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -133,3 +135,24 @@ def relative_error(a, b) -> float:
     """||a - b|| / ||b|| in fp32 (``a`` reshaped to ``b``'s shape)."""
     b = b.float()
     return float((a.float().reshape(b.shape) - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@contextlib.contextmanager
+def saved_activation_bytes(model: Any) -> Iterator[list[int]]:
+    """Measure what autograd keeps for backward inside the block: yields a list whose one element,
+    after the block, is the bytes of the distinct storages saved, the model's weights left out."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    result = [0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield result
+    result[0] = sum(kept.values())

@@ -62,11 +62,11 @@ PATCHES: tuple[Patch, ...] = (
         "install_replicated_down_projection",
     ),
     Patch(
-        "MLA THD values unpadded",
+        "MLA THD values unpadded for TE",
         "mla",
         "transformer/multi_latent_attention.py l.85-99 (zero-pads values to the q/k width in THD; "
         "TE 2.12's fused attention returns wrong gradients for that call)",
-        "always",
+        "TE installed",
         "install_unpadded_thd_value",
     ),
     Patch(

@@ -1,6 +1,6 @@
 """MLA adaptations: replicated down projections without Transformer Engine; THD values unpadded.
 
-**Unpadded THD values** (both backends).  For packed (THD) batches Megatron-Core 0.19.2 pads MLA's
+**Unpadded THD values** (``te`` backend).  For packed (THD) batches Megatron-Core 0.19.2 pads MLA's
 128-dim values with zeros to the 192-dim query/key width before core attention and trims the
 output (``transformer/multi_latent_attention.py`` l.85-99, ``_prepare_mla_core_attention_value``),
 a workaround from when Transformer Engine had no THD kernel for unequal head dims.  On an H200 with
@@ -8,9 +8,9 @@ TE 2.12 the padded call is what goes wrong: cuDNN fused attention returns the ri
 gradients 15-18% (dq, dk) and 9% (dv) off fp32 math, at any head count, input scale or document
 split; the same call with the 128-dim values is exact (2.5e-3, bf16 rounding).  In the whole model
 that was every ``te`` pretraining run's attention gradient (q projections 30% off, 12-14% in
-step-1 gradient norms; tests/gpu/test_te_local_gradients_gpu.py, thd).  Unpadded, both backends
-get the values as they are, and the ``local`` backend no longer spends a third of its
-probability-times-value work on zeros.
+step-1 gradient norms; tests/gpu/test_te_local_gradients_gpu.py, thd).  TE's core attention gets
+the values unpadded; the ``local`` backend keeps upstream's padding (see
+:func:`_value_for_core_attention`).
 
 **Replicated down projections** (no TE).
 
@@ -86,21 +86,34 @@ def replicated_down_projection() -> type:
 
 
 UPSTREAM_VALUE_PREP = multi_latent_attention._prepare_mla_core_attention_value
+_te_attention: type | None = None  # TE's core attention class, once install found TE
 
 
-def _value_as_is(
+def _value_for_core_attention(
     parallel_attention: Any, query: torch.Tensor, value: torch.Tensor | None, packed_seq_params: Any
 ):
-    """Upstream's signature and return shape ``(value, need_v_pad, orig_v_dim, padded_v_dim)``,
-    never padding: core attention takes the 128-dim values in THD as in ``sbhd``."""
-    dim = value.shape[-1] if value is not None else None
-    return value, False, dim, dim
+    """Upstream's signature and return ``(value, need_v_pad, orig_v_dim, padded_v_dim)``: TE's core
+    attention takes the values as they are; any other keeps upstream's padding (the ``local``
+    backend's SDPA: PyTorch's CPU flash kernel needs one head width for q, k and v, so unpadded
+    values would fall back to the math kernel, which keeps every attention matrix for backward)."""
+    if _te_attention is not None and isinstance(parallel_attention.core_attention, _te_attention):
+        dim = value.shape[-1] if value is not None else None
+        return value, False, dim, dim
+    return UPSTREAM_VALUE_PREP(parallel_attention, query, value, packed_seq_params)
 
 
 def install_unpadded_thd_value() -> bool:
-    """Replace ``_prepare_mla_core_attention_value`` (both of its callers look it up in the module);
-    returns whether it changed."""
-    if multi_latent_attention._prepare_mla_core_attention_value is _value_as_is:
+    """Replace ``_prepare_mla_core_attention_value`` (both of its callers look it up in the module)
+    where Transformer Engine imports; returns whether it changed."""
+    global _te_attention
+    if multi_latent_attention._prepare_mla_core_attention_value is _value_for_core_attention:
         return False
-    multi_latent_attention._prepare_mla_core_attention_value = _value_as_is
+    try:
+        from megatron.core.extensions import transformer_engine as te_extensions
+    except RuntimeError:  # a TE import can raise this on a machine without CUDA
+        return False
+    if not te_extensions.HAVE_TE:  # the module then builds its classes on a MagicMock
+        return False
+    _te_attention = te_extensions.TEDotProductAttention
+    multi_latent_attention._prepare_mla_core_attention_value = _value_for_core_attention
     return True

@@ -32,3 +32,16 @@ def load_tiny(root: Path, *extra: str):
     from joyai_megatron.config.recipe import load_recipe
 
     return load_recipe(TINY_BASE, tiny_overrides(root, *extra))
+
+
+def tiny_trainer(root: Path, *extra: str):
+    """A fresh one-rank pretraining Trainer on the tiny recipe (the process's earlier world left
+    and shut down first); the caller shuts it down."""
+    from joyai_megatron.stages.pretrain import PretrainStage
+    from joyai_megatron.training.distributed import shutdown
+    from joyai_megatron.training.trainer import Trainer
+    from tests.joyai_helpers import leave_launcher_world
+
+    leave_launcher_world()
+    shutdown()
+    return Trainer(load_tiny(root, *extra), PretrainStage)

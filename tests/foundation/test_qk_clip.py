@@ -20,11 +20,9 @@ import pytest
 import torch
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 
-from joyai_megatron.stages.pretrain import PretrainStage
 from joyai_megatron.training.distributed import shutdown
 from joyai_megatron.training.trainer import Trainer
-from tests.foundation.foundation_helpers import load_tiny
-from tests.joyai_helpers import leave_launcher_world
+from tests.foundation.foundation_helpers import tiny_trainer
 
 ALPHA = 0.3  # not 0.5, so the query and key shares of the clip differ
 
@@ -32,10 +30,7 @@ ALPHA = 0.3  # not 0.5, so the query and key shares of the clip differ
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory: pytest.TempPathFactory):
     """A tiny trainer with qk-clip after one real train step (the trainer's own clip call)."""
-    leave_launcher_world()
-    shutdown()
-    recipe = load_tiny(tmp_path_factory.mktemp("qk_clip"), "model.qk_clip=true", "train.train_iters=1")
-    trainer = Trainer(recipe, PretrainStage)
+    trainer = tiny_trainer(tmp_path_factory.mktemp("qk_clip"), "model.qk_clip=true", "train.train_iters=1")
     trainer.config.qk_clip_alpha = ALPHA
     values = trainer.train_step()
     assert math.isfinite(values["max_attention_logit"]) and values["max_attention_logit"] > 0

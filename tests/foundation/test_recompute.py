@@ -8,23 +8,19 @@ import pytest
 import torch
 
 from joyai_megatron.compat.no_te import apply_no_te_fallbacks
-from joyai_megatron.stages.pretrain import PretrainStage
 from joyai_megatron.training.distributed import shutdown
-from joyai_megatron.training.trainer import Trainer
-from tests.foundation.foundation_helpers import load_tiny
-from tests.joyai_helpers import leave_launcher_world
+from tests.foundation.foundation_helpers import tiny_trainer
 
 SHIPPED_MODULES = "model.recompute_modules=[core_attn,mla_up_proj,moe_act,layernorm]"
 GROUPED = "model.moe_grouped_gemm=true"  # as the recipes (Megatron-Core: moe_act needs grouped experts)
 
 
 def _two_steps(root, *extra: str) -> list[dict[str, float]]:
-    leave_launcher_world()
-    shutdown()
     torch.manual_seed(0)
-    recipe = load_tiny(root, "model.mtp_enabled=true", "train.train_iters=2", "optim.optimizer=adam", *extra)
     try:
-        trainer = Trainer(recipe, PretrainStage)
+        trainer = tiny_trainer(
+            root, "model.mtp_enabled=true", "train.train_iters=2", "optim.optimizer=adam", *extra
+        )
         return [trainer.train_step() for _ in range(2)]
     finally:
         shutdown()

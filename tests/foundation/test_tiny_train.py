@@ -11,11 +11,8 @@ import pytest
 import torch
 
 from joyai_megatron.optim.builder import build_optimizer, parameter_split
-from joyai_megatron.stages.pretrain import PretrainStage
 from joyai_megatron.training.distributed import shutdown
-from joyai_megatron.training.trainer import Trainer
-from tests.foundation.foundation_helpers import load_tiny
-from tests.joyai_helpers import leave_launcher_world
+from tests.foundation.foundation_helpers import tiny_trainer
 
 # Every trainable parameter belongs to exactly one of these groups.
 GROUPS = {
@@ -39,10 +36,7 @@ def _name(name: str) -> str:
 @pytest.fixture(scope="module")
 def stepped(tmp_path_factory: pytest.TempPathFactory):
     """A tiny trainer (MTP on, mock data, one rank) after exactly one optimizer step."""
-    leave_launcher_world()
-    shutdown()
-    recipe = load_tiny(tmp_path_factory.mktemp("tiny"), "model.mtp_enabled=true", "train.train_iters=1")
-    trainer = Trainer(recipe, PretrainStage)
+    trainer = tiny_trainer(tmp_path_factory.mktemp("tiny"), "model.mtp_enabled=true", "train.train_iters=1")
     routers = trainer._routers()
     bias_before = [r.expert_bias.detach().clone() for r in routers]
     values = trainer.train_step()

@@ -32,7 +32,7 @@ pytestmark = [
     ),
 ]
 
-WORKER = REPO / "tests" / "parallel" / "cp_worker.py"
+WORKER = "tests.parallel.cp_worker"  # a module: it imports tests.*
 # The tiny model with JoyAI's MLA head dims (TE's CP attention takes q/k 192 vs v 128 only with p2p).
 ARCH = {"vocab_size": 512, "qk_head_dim": 128, "qk_pos_emb_head_dim": 64, "v_head_dim": 128}
 TE = {"backend": "te", "arch": ARCH}
@@ -40,7 +40,7 @@ TE = {"backend": "te", "arch": ARCH}
 
 def _worker(recipe: Path, out: Path, overrides: list[str], nproc: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), str(WORKER), str(recipe), str(out), *overrides]  # fmt: skip
+           "--master-port", str(free_port()), "-m", WORKER, str(recipe), str(out), *overrides]  # fmt: skip
     env = {**clean_env(), "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(nproc))}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]

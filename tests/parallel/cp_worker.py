@@ -1,5 +1,6 @@
-"""One training step's losses and gradients under a layout: ``python cp_worker.py RECIPE OUT [k=v ...]``
-(one process) or under ``torchrun --nproc-per-node 2`` (``parallel.cp=2``).
+"""One training step's losses and gradients under a layout: ``python -m tests.parallel.cp_worker RECIPE OUT [k=v ...]``
+(one process) or under ``torchrun --nproc-per-node 2`` (``parallel.cp=2``), as the module
+``tests.parallel.cp_worker`` from the repository root.
 
 The trainer is the real one (recipe -> layout -> model -> checkpoint.load); the micro-batches are
 fixed here, identical on every rank and in every layout, so the two layouts compute the same
@@ -19,6 +20,8 @@ import sys
 
 import torch
 import torch.distributed as dist
+
+from tests.joyai_helpers import saved_activation_bytes
 
 ROWS, LENGTH = 2, 128
 # Documents per row (each row sums to LENGTH); none is a multiple of 4, so CP=2 pads every one.
@@ -77,19 +80,10 @@ def _saved_bytes(trainer, batch: dict[str, torch.Tensor]) -> int:
     from joyai_megatron.compat import cuda_device_as_cpu
     from joyai_megatron.training.checkpoint import unwrap
 
-    weights = {p.untyped_storage().data_ptr() for p in unwrap(trainer.model[0]).parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
     redirect = contextlib.nullcontext() if torch.cuda.is_available() else cuda_device_as_cpu()
-    with redirect, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with redirect, saved_activation_bytes(unwrap(trainer.model[0])) as saved:
         trainer.stage.forward_step(iter([batch]), trainer.model[0])
-    return sum(kept.values())
+    return saved[0]
 
 
 def main(argv: list[str]) -> None:

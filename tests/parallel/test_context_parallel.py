@@ -23,17 +23,17 @@ import torch
 from joyai_megatron.training.checkpoint import TRACKER
 from tests.joyai_helpers import REPO, clean_env, free_port, read_metrics, run_joyai, write_mock_recipe
 
-WORKER = Path(__file__).with_name("cp_worker.py")
+WORKER = "tests.parallel.cp_worker"  # run as a module from the repository root (it imports tests.*)
 ARCH = {"vocab_size": 512}  # small head: attention and MoE activations dominate the memory check
 CASES = ("rows", "documents", "sft")
 
 
 def _run_worker(recipe: Path, out: Path, overrides: list[str], nproc: int) -> dict:
     if nproc == 1:
-        cmd = [sys.executable, str(WORKER)]
+        cmd = [sys.executable, "-m", WORKER]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), str(WORKER)]  # fmt: skip
+               "--master-port", str(free_port()), "-m", WORKER]  # fmt: skip
     result = subprocess.run(
         [*cmd, str(recipe), str(out), *overrides],
         cwd=REPO,

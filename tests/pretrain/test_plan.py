@@ -20,7 +20,7 @@ from joyai_megatron.training import plan
 from joyai_megatron.training.distributed import init_distributed
 from joyai_megatron.training.layout import validate_layout
 from tests.foundation.foundation_helpers import load_tiny
-from tests.joyai_helpers import REPO, run_cli
+from tests.joyai_helpers import REPO, run_cli, saved_activation_bytes
 
 STAGE1 = "recipes/pretrain/joyai_48b_a3b/stage1.yaml"
 STAGE3 = "recipes/pretrain/joyai_48b_a3b/stage3.yaml"
@@ -163,18 +163,9 @@ def test_activation_estimate_is_near_the_measured_saved_tensors(single_process: 
     model = build_joyai_model(config, arch, "local")
     tokens = torch.randint(0, arch.vocab_size, (1, 256))
     packed = pack_batch(tokens, torch.roll(tokens, -1, 1), torch.ones(1, 256), torch.arange(256)[None])
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_activation_bytes(model) as saved:
         packed_token_losses(model, packed)
-    measured = sum(kept.values())
+    measured = saved[0]
     setting = plan.ActivationSetting(256, 4, 1, 1, False, "none", frozenset(), True)
     chunk = plan.Chunk(layers=list(range(arch.num_layers)), embedding=True, loss=True, mtp=1)
     estimate, _ = plan.chunk_activation(arch, chunk, setting, 1)
