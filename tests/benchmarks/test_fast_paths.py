@@ -3,8 +3,9 @@
 * ``GroupedMMExperts`` (``model.moe_grouped_gemm=true`` on the local backend) against a per-expert
   SwiGLU loop written here, and the whole tiny model against the ``SequentialMLP`` build with the
   same weights (loss and every gradient).
-* ``SDPACoreAttention``'s equal-segment THD path (causal SDPA per row, no dense mask) and its
-  block-mask path against softmax attention computed here in float64.
+* ``SDPACoreAttention``'s THD paths (equal segments: causal SDPA per row; unequal: one call per
+  segment on the host, one block-masked call on GPUs) against softmax attention computed here in
+  float64.
 """
 
 from __future__ import annotations
@@ -116,8 +117,11 @@ def reference_attention(q, k, v, cu_seqlens, scale):
     return out
 
 
+@pytest.mark.parametrize("segment_loop", [True, False], ids=["segment-loop", "block-mask"])
 @pytest.mark.parametrize("lengths", [[16, 16, 16], [48], [10, 22, 16]])
-def test_sdpa_core_attention_thd_paths(lengths: list[int]) -> None:
+def test_sdpa_core_attention_thd_paths(
+    lengths: list[int], segment_loop: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -125,6 +129,11 @@ def test_sdpa_core_attention_thd_paths(lengths: list[int]) -> None:
 
     config = tiny_config(qk_clip=True)
     attn = SDPACoreAttention(config, 1, AttnMaskType.causal, "self", k_channels=24, v_channels=16)
+    monkeypatch.setattr(attn, "segment_loop_devices", ("cpu",) if segment_loop else ())
+    calls = []
+    monkeypatch.setattr(
+        attn, "_attend_per_segment", lambda *a: calls.append(1) or type(attn)._attend_per_segment(attn, *a)
+    )
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     params = PackedSeqParams(
         qkv_format="thd",
@@ -140,6 +149,7 @@ def test_sdpa_core_attention_thd_paths(lengths: list[int]) -> None:
     v = torch.randn(total, 4, 16, generator=gen)
     out = attn(q, k, v, None, packed_seq_params=params)
     assert out.shape == (total, 4, 16)
+    assert bool(calls) == (segment_loop and len(set(lengths)) > 1)  # equal segments: one batched call
     torch.testing.assert_close(out.double(), reference_attention(q, k, v, cu, 24**-0.5), rtol=1e-5, atol=1e-5)
     # qk-clip reads the largest allowed logit per head, on either path
     logits = torch.einsum("ihd,jhd->hij", q.double(), k.double()) * 24**-0.5
