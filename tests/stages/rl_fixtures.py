@@ -46,8 +46,10 @@ def build_rl_data(root: Path) -> tuple[Path, Path]:
     return tokenizer, prompts
 
 
-def write_rl_recipe(directory: Path, tokenizer: Path, prompts: Path, **sections: dict) -> Path:
-    """The tiny RL recipe shrunk for tests: 2 prompts x 4 samples per rollout, 2 steps per rollout."""
+def write_rl_recipe(directory: Path, rl_data: tuple[Path, Path], **sections: dict) -> Path:
+    """The tiny RL recipe shrunk for tests: 2 prompts x 4 samples per rollout, 2 steps per rollout;
+    ``rl_data`` is the ``rl_data`` fixture's (tokenizer, prompts)."""
+    tokenizer, prompts = rl_data
     recipe = {
         "base": str(RL_TINY),
         "train": {"seq_length": 48, "micro_batch_size": 2, "global_batch_size": 4, "train_iters": 4},

@@ -27,8 +27,7 @@ def _megatron_logits(trainer, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_fiberpo_loop_metrics_weights_and_sync(rl_data, tmp_path, shutdown):
-    tokenizer, prompts = rl_data
-    recipe = write_rl_recipe(tmp_path, tokenizer, prompts, rl={"routing_replay": True, "tis_clip": 2.0})
+    recipe = write_rl_recipe(tmp_path, rl_data, rl={"routing_replay": True, "tis_clip": 2.0})
     trainer, result, before = train_rl(recipe)
     history = result["history"]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
@@ -77,8 +76,7 @@ def test_fiberpo_loop_metrics_weights_and_sync(rl_data, tmp_path, shutdown):
 def test_grpo_from_the_same_recipe_and_kl_to_the_start(rl_data, tmp_path, shutdown):
     from joyai_megatron.training.distributed import shutdown as close
 
-    tokenizer, prompts = rl_data
-    recipe = write_rl_recipe(tmp_path, tokenizer, prompts, train={"train_iters": 2}, rl={"eval_interval": 0})
+    recipe = write_rl_recipe(tmp_path, rl_data, train={"train_iters": 2}, rl={"eval_interval": 0})
     _, result, _ = train_rl(recipe, ["rl.loss=grpo"])
     trained = [h for h in result["history"] if "stage/pg_loss" in h]
     assert trained
@@ -88,8 +86,7 @@ def test_grpo_from_the_same_recipe_and_kl_to_the_start(rl_data, tmp_path, shutdo
     # KL to the starting checkpoint (swapped-in reference weights): exactly 0 before any update.
     kl_recipe = write_rl_recipe(
         tmp_path / "kl",
-        tokenizer,
-        prompts,
+        rl_data,
         train={"train_iters": 1},
         rl={
             "eval_interval": 0,
@@ -120,9 +117,8 @@ def test_resume_is_exact_mid_rollout_and_async(rl_data, tmp_path, shutdown):
     the next rollout already generated; resuming from it must reproduce step 4 exactly."""
     from joyai_megatron.training.distributed import shutdown as close
 
-    tokenizer, prompts = rl_data
     overrides = {"rl": {"async_rollout": True, "eval_interval": 0}, "checkpoint": {"save_interval": 3}}
-    straight = write_rl_recipe(tmp_path / "a", tokenizer, prompts, **overrides)
+    straight = write_rl_recipe(tmp_path / "a", rl_data, **overrides)
     trainer, result, _ = train_rl(straight)
     reference = _final_state(trainer)
     step4 = result["history"][-1]
@@ -130,7 +126,7 @@ def test_resume_is_exact_mid_rollout_and_async(rl_data, tmp_path, shutdown):
 
     resumed_dir = tmp_path / "b"
     rewind_checkpoints(tmp_path / "a" / "ckpt", resumed_dir / "ckpt", 3)
-    recipe = write_rl_recipe(resumed_dir, tokenizer, prompts, **overrides)
+    recipe = write_rl_recipe(resumed_dir, rl_data, **overrides)
     trainer, result, _ = train_rl(recipe)
     assert [h["step"] for h in result["history"]] == [4]
     assert_same_step_metrics(result["history"][0], step4)
@@ -318,8 +314,7 @@ def test_recipe_errors_name_the_key(rl_data, tmp_path):
     from joyai_megatron.config.recipe import load_recipe
     from joyai_megatron.rl.recipe_checks import check_rl_recipe
 
-    tokenizer, prompts = rl_data
-    path = write_rl_recipe(tmp_path, tokenizer, prompts)
+    path = write_rl_recipe(tmp_path, rl_data)
     for override, message in (
         ("train.global_batch_size=8", "train.global_batch_size must be"),
         ("model.mtp_enabled=true", "model.mtp_enabled"),
@@ -348,9 +343,8 @@ def test_code_reward_steps_score_every_sample_in_the_sandbox(rl_data, tmp_path, 
         return result
 
     monkeypatch.setattr(code_tests, "run_python_tests", isolated_run)
-    tokenizer, prompts = rl_data
     recipe = write_rl_recipe(
-        tmp_path, tokenizer, prompts, train={"train_iters": 2}, rl={"reward": "rl_test_code_parity"}
+        tmp_path, rl_data, train={"train_iters": 2}, rl={"reward": "rl_test_code_parity"}
     )
     _, result, _ = train_rl(recipe)
     history = result["history"]
@@ -366,7 +360,7 @@ def test_code_rewards_need_a_sandbox_or_the_opt_in(rl_data, tmp_path, monkeypatc
     from joyai_megatron.rl import recipe_checks
 
     monkeypatch.setattr(recipe_checks, "bubblewrap_available", lambda: False)
-    path = write_rl_recipe(tmp_path, *rl_data)
+    path = write_rl_recipe(tmp_path, rl_data)
     with pytest.raises(ValueError, match="unsafe_code_execution"):
         recipe_checks.check_rl_recipe(load_recipe(str(path), ["rl.reward=code"]))
     recipe_checks.check_rl_recipe(load_recipe(str(path), ["rl.reward=code", "rl.unsafe_code_execution=true"]))
@@ -378,11 +372,9 @@ def test_tensor_parallel_two_ranks(rl_data, tmp_path):
     the rollout broadcast to the TP peer; the recomputed log-probs must still match the engine's."""
     from tests.joyai_helpers import read_metrics, run_joyai
 
-    tokenizer, prompts = rl_data
     recipe = write_rl_recipe(
         tmp_path,
-        tokenizer,
-        prompts,
+        rl_data,
         train={"train_iters": 2},
         rl={"reward": "math_format", "eval_interval": 0, "filter_zero_variance": False},
     )
@@ -408,20 +400,19 @@ def test_expert_parallel_two_ranks_matches_one(rl_data, tmp_path, shutdown):
     from tests.joyai_helpers import read_metrics
     from tests.stages.rl_fixtures import run_rl_ranks
 
-    tokenizer, prompts = rl_data
     init = write_rl_recipe(
-        tmp_path / "init", tokenizer, prompts, train={"train_iters": 0},
+        tmp_path / "init", rl_data, train={"train_iters": 0},
         rl={"eval_interval": 0, "rollout_args": {"process": False}},
     )  # fmt: skip
     train_rl(init)
     close()
     load = [f"checkpoint.load={tmp_path / 'init' / 'ckpt'}", "checkpoint.load_optimizer=false"]
     sections = {"train": {"train_iters": 2}, "rl": {"eval_interval": 0, "routing_replay": "r3"}}
-    single = write_rl_recipe(tmp_path / "single", tokenizer, prompts, **sections)
+    single = write_rl_recipe(tmp_path / "single", rl_data, **sections)
     _, result, _ = train_rl(single, load)
     expected = result["history"]
     close()
-    ranks = write_rl_recipe(tmp_path / "ep2", tokenizer, prompts, **sections)
+    ranks = write_rl_recipe(tmp_path / "ep2", rl_data, **sections)
     layout = ["parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true"]
     assert run_rl_ranks(ranks, load + layout, nproc=2).returncode == 0
     got = read_metrics(tmp_path / "ep2" / "logs")

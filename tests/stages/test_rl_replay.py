@@ -119,13 +119,11 @@ def test_r2_with_full_recompute_equals_no_recompute(rl_data, tmp_path, shutdown)
     from joyai_megatron.rl.reference import snapshot
     from joyai_megatron.training.distributed import shutdown as close
 
-    tokenizer, prompts = rl_data
     runs = {}
     for recompute in ("none", "full"):
         recipe = write_rl_recipe(
             tmp_path / recompute,
-            tokenizer,
-            prompts,
+            rl_data,
             train={"train_iters": 2},
             rl={"routing_replay": True, "eval_interval": 0, "tis_clip": 2.0},
             model={"recompute": recompute},
@@ -244,11 +242,9 @@ def test_r3_stage_replays_the_engine_routing_and_trains(rl_data, tmp_path, shutd
     from joyai_megatron.stages.rl import RLStage
     from joyai_megatron.training.trainer import Trainer
 
-    tokenizer, prompts = rl_data
     recipe = write_rl_recipe(
         tmp_path,
-        tokenizer,
-        prompts,
+        rl_data,
         train={"train_iters": 2},
         rl={"routing_replay": "r3", "eval_interval": 0, "tis_clip": 2.0},
         model={"recompute": "full"},
@@ -304,8 +300,7 @@ def test_r3_needs_an_engine_that_records_routing(rl_data, tmp_path):
     from joyai_megatron.config.recipe import load_recipe
     from joyai_megatron.rl.recipe_checks import check_rl_recipe
 
-    tokenizer, prompts = rl_data
-    path = write_rl_recipe(tmp_path, tokenizer, prompts)
+    path = write_rl_recipe(tmp_path, rl_data)
     for backend in ("vllm", "sglang"):
         with pytest.raises(ValueError, match="enable_return_routed_experts"):
             check_rl_recipe(load_recipe(str(path), ["rl.routing_replay=r3", f"rl.rollout_backend={backend}"]))
