@@ -171,6 +171,7 @@ def _redirected(fn: Callable, type_names: bool = False) -> Callable:
 
 
 # (module, attribute path, upstream lines covered).  Megatron-Core 0.19.2.
+# fmt: off
 _SITES: list[tuple[str, str, str]] = [
     # rotary_pos_embedding.py l.78 `torch.cuda.current_device()` in __init__ and l.162 moving
     # inv_freq "to GPU once at the first micro-batch".
@@ -181,18 +182,10 @@ _SITES: list[tuple[str, str, str]] = [
     ("megatron.core.transformer.moe.router", "Router.gating", "98-100"),
     ("megatron.core.transformer.moe.router", "TopKRouter.__init__", "184-247"),
     # multi_token_prediction.py l.374-378: MTP loss/accuracy trackers on the current device.
-    (
-        "megatron.core.transformer.multi_token_prediction",
-        "MTPLossLoggingHelper.save_metrics_to_tracker",
-        "374-378",
-    ),
+    ("megatron.core.transformer.multi_token_prediction", "MTPLossLoggingHelper.save_metrics_to_tracker", "374-378"),
     # language_module.py l.307: the MTP / last pipeline stage's embedding copy is moved with
     # `.cuda()` before the first/last-stage all-reduce.
-    (
-        "megatron.core.models.common.language_module.language_module",
-        "LanguageModule.setup_embeddings_and_output_layer",
-        "307",
-    ),
+    ("megatron.core.models.common.language_module.language_module", "LanguageModule.setup_embeddings_and_output_layer", "307"),
     # optimizer.py l.1249: FP32Optimizer's `_scale = torch.tensor([1.0], device='cuda')`.
     ("megatron.core.optimizer.optimizer", "FP32Optimizer.__init__", "1249"),
     # optimizer.py l.315 (`has_grad_norm_group` flag) and l.1492 (ChainedOptimizer loss scale).
@@ -220,24 +213,12 @@ _SITES: list[tuple[str, str, str]] = [
     # `torch.cuda.Stream()` for device-to-host copies of the split sizes; l.921-943 copy on it
     # (`torch.cuda.stream`, `current_stream()`, `record_event()`) and l.947 wait for the event.
     ("megatron.core.transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher.__init__", "468-469"),
-    (
-        "megatron.core.transformer.moe.token_dispatcher",
-        "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
-        "921-947",
-    ),
+    ("megatron.core.transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize", "921-947"),
     # distrib_optimizer.py l.1362 `torch.cuda.current_device()`, l.1374 `.cuda()`: ZeRO-1's
     # model-space checkpoint (``fully_reshardable``) gathers every shard on the current device.
-    (
-        "megatron.core.optimizer.distrib_optimizer",
-        "DistributedOptimizer.get_parameter_state_dp_zero",
-        "1362-1374",
-    ),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero", "1362-1374"),
     # layer_wise_optimizer.py l.837: the same flag in the layer-wise (distributed Muon) optimizer.
-    (
-        "megatron.core.optimizer.layer_wise_optimizer",
-        "LayerWiseDistributedOptimizer.has_grad_norm_group",
-        "837",
-    ),
+    ("megatron.core.optimizer.layer_wise_optimizer", "LayerWiseDistributedOptimizer.has_grad_norm_group", "837"),
     # clip_grads.py l.96, l.108, l.112: norm accumulators with device='cuda'.
     # optimizer.py and layer_wise_optimizer.py import these by name, so their references too.
     ("megatron.core.optimizer.clip_grads", "get_grad_norm_fp32", "96-112"),
@@ -247,6 +228,7 @@ _SITES: list[tuple[str, str, str]] = [
     ("megatron.core.optimizer.layer_wise_optimizer", "get_grad_norm_fp32", "96-112"),
     ("megatron.core.optimizer.layer_wise_optimizer", "count_zeros_fp32", "231"),
 ]
+# fmt: on
 
 # Sites that also pick their fp32 branch by type string (``param.type() == 'torch.cuda.FloatTensor'``):
 # they run with both the device redirect and :func:`cuda_type_names`.
@@ -338,7 +320,11 @@ _REPLACEMENTS: list[tuple[str, str, Callable]] = [
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm_cpu),
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _get_rng_state_cpu),
     # token_dispatcher.py imports it by name (l.39) and calls it at l.927-943.
-    ("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu_cpu),
+    (
+        "megatron.core.transformer.moe.token_dispatcher",
+        "maybe_move_tensor_to_cpu",
+        _maybe_move_tensor_to_cpu_cpu,
+    ),
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _set_rng_state_cpu),
 ]
 
