@@ -6,6 +6,8 @@ Both use the same seq-mean-token-mean aggregation, advantage shapes and optional
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 
 from joyai_megatron.rl.aggregation import (
@@ -17,7 +19,7 @@ from joyai_megatron.rl.aggregation import (
     token_advantages,
     token_counts,
 )
-from joyai_megatron.rl.kl import KLEstimator, add_kl_penalty
+from joyai_megatron.rl.kl import PGTerms, add_kl_penalty
 
 
 def _token_fraction(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -33,10 +35,7 @@ def grpo_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     dual_clip: float | None = None,
-    ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: KLEstimator = "k3",
-    num_sequences: float | None = None,
+    **terms: Unpack[PGTerms],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO / PPO-clip: J = mean_seq mean_t min(r A, clip(r, 1 - eps_low, 1 + eps_high) A).
 
@@ -57,7 +56,7 @@ def grpo_loss(
     objective = torch.minimum(ratio * adv, clipped * adv)
     if dual_clip is not None:
         objective = torch.where(adv < 0, torch.maximum(objective, dual_clip * adv), objective)
-    pg_loss = -seq_mean_token_mean(objective, mask, num_sequences)
+    pg_loss = -seq_mean_token_mean(objective, mask, terms.get("num_sequences"))
 
     with torch.no_grad():
         metrics = {"pg_loss": pg_loss.detach(), **ratio_metrics(log_ratio, mask)}
@@ -65,9 +64,7 @@ def grpo_loss(
         metrics["clip_high_frac"] = _token_fraction((adv > 0) & (ratio > 1.0 + eps_high), mask)
         if dual_clip is not None:
             metrics["dual_clip_frac"] = _token_fraction((adv < 0) & (ratio > dual_clip), mask)
-    return add_kl_penalty(
-        pg_loss, metrics, logprobs, ref_logprobs, mask, kl_coef, kl_estimator, num_sequences
-    )
+    return add_kl_penalty(pg_loss, metrics, logprobs, mask, terms)
 
 
 def gspo_loss(
@@ -78,10 +75,7 @@ def gspo_loss(
     *,
     eps_low: float = 3e-4,
     eps_high: float = 4e-4,
-    ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: KLEstimator = "k3",
-    num_sequences: float | None = None,
+    **terms: Unpack[PGTerms],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO (arXiv 2507.18071): the PPO clip on the length-normalised sequence ratio.
 
@@ -102,7 +96,7 @@ def gspo_loss(
     ratio = torch.where(mask, log_token_ratio.exp(), torch.zeros_like(log_ratio))
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     objective = torch.minimum(ratio * adv, clipped * adv)
-    pg_loss = -seq_mean_token_mean(objective, mask, num_sequences)
+    pg_loss = -seq_mean_token_mean(objective, mask, terms.get("num_sequences"))
 
     with torch.no_grad():
         valid = counts > 0
@@ -112,6 +106,4 @@ def gspo_loss(
         metrics["seq_ratio_max"] = masked_token_max(seq_ratio, valid)
         metrics["clip_low_frac"] = _token_fraction((adv < 0) & (ratio < 1.0 - eps_low), mask)
         metrics["clip_high_frac"] = _token_fraction((adv > 0) & (ratio > 1.0 + eps_high), mask)
-    return add_kl_penalty(
-        pg_loss, metrics, logprobs, ref_logprobs, mask, kl_coef, kl_estimator, num_sequences
-    )
+    return add_kl_penalty(pg_loss, metrics, logprobs, mask, terms)

@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
@@ -48,7 +48,7 @@ from joyai_megatron.rl.aggregation import (
     token_advantages,
     token_counts,
 )
-from joyai_megatron.rl.kl import KLEstimator, add_kl_penalty
+from joyai_megatron.rl.kl import PGTerms, add_kl_penalty
 
 # Defaults (docs/fiberpo.md gives the reasoning): the base budgets equal GSPO's sequence clip range
 # when a trajectory drifts one way (C+ = 4e-4, C- = 3e-4), and the token residual stays well inside
@@ -222,19 +222,13 @@ def weighted_pg_loss(
     log_weight: torch.Tensor,
     adv: torch.Tensor,
     mask: torch.Tensor,
-    *,
-    ref_logprobs: torch.Tensor | None,
-    kl_coef: float,
-    kl_estimator: KLEstimator,
-    num_sequences: float | None,
+    terms: PGTerms,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """-seq_mean_token_mean(G * A) + KL term, with `pg_loss`, `weight_mean` and `kl` metrics."""
     weight = torch.where(mask, log_weight.exp(), torch.zeros_like(log_weight))
-    pg_loss = -seq_mean_token_mean(weight * adv, mask, num_sequences)
+    pg_loss = -seq_mean_token_mean(weight * adv, mask, terms.get("num_sequences"))
     metrics = {"pg_loss": pg_loss.detach(), "weight_mean": masked_token_mean(weight.detach(), mask)}
-    return add_kl_penalty(
-        pg_loss, metrics, logprobs, ref_logprobs, mask, kl_coef, kl_estimator, num_sequences
-    )
+    return add_kl_penalty(pg_loss, metrics, logprobs, mask, terms)
 
 
 def fiber_loss(
@@ -243,12 +237,8 @@ def fiber_loss(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     log_weights: Callable[[torch.Tensor, torch.Tensor], Any],
-    *,
     eps: float,
-    ref_logprobs: torch.Tensor | None,
-    kl_coef: float,
-    kl_estimator: KLEstimator,
-    num_sequences: float | None,
+    terms: PGTerms,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any, torch.Tensor]:
     """What FiberPO and FiberPO-Domain share around their weights: input checks, the masked log
     ratio, the weighted policy-gradient loss and the ratio/base/fiber metrics.  ``log_weights``
@@ -259,16 +249,7 @@ def fiber_loss(
     log_ratio = masked_log_ratio(logprobs, old_logprobs, mask)
     adv = token_advantages(advantages, mask, log_ratio.dtype)
     weights = log_weights(log_ratio, mask)
-    loss, metrics = weighted_pg_loss(
-        logprobs,
-        weights.log_weight,
-        adv,
-        mask,
-        ref_logprobs=ref_logprobs,
-        kl_coef=kl_coef,
-        kl_estimator=kl_estimator,
-        num_sequences=num_sequences,
-    )
+    loss, metrics = weighted_pg_loss(logprobs, weights.log_weight, adv, mask, terms)
     with torch.no_grad():
         valid = token_counts(mask) > 0
         metrics |= ratio_metrics(log_ratio, mask)
@@ -286,17 +267,14 @@ def fiberpo_loss(
     delta: float = DEFAULT_DELTA,
     c_minus: float = DEFAULT_C_MINUS,
     eps: float = DEFAULT_EPS,
-    ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: KLEstimator = "k3",
-    num_sequences: float | None = None,
+    **terms: Unpack[PGTerms],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """FiberPO loss -J (plus optional KL) with seq-mean-token-mean aggregation, and its metrics.
 
     logprobs, old_logprobs, response_mask: [batch, T]; advantages: [batch] or [batch, T].
     delta, c_minus: base budgets C+ = delta - c_minus, C- = c_minus (need c_minus < delta / 2);
-    eps: token residual clip (>= 0, may be inf). num_sequences: global sequence count for
-    micro-batched runs (see `seq_mean_token_mean`). Metrics are detached scalars; `gate_*`
+    eps: token residual clip (>= 0, may be inf). ``terms``: the KL penalty and the global sequence
+    count of micro-batched runs (`PGTerms`). Metrics are detached scalars; `gate_*`
     fractions are over sequences, `fiber_*` fractions, `ratio_*` and `weight_mean` over tokens.
     """
     c_plus, c_neg = channel_budgets(delta, c_minus)
@@ -306,11 +284,8 @@ def fiberpo_loss(
         advantages,
         response_mask,
         lambda log_ratio, mask: fiberpo_log_weights(log_ratio, mask, c_plus=c_plus, c_minus=c_neg, eps=eps),
-        eps=eps,
-        ref_logprobs=ref_logprobs,
-        kl_coef=kl_coef,
-        kl_estimator=kl_estimator,
-        num_sequences=num_sequences,
+        eps,
+        terms,
     )
     with torch.no_grad():
         n_valid = valid.sum().clamp(min=1)

@@ -27,6 +27,7 @@ multiplicatively, each on the drift its level adds to its parent's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Unpack
 
 import torch
 
@@ -45,7 +46,7 @@ from joyai_megatron.rl.fiberpo import (
     gate_fractions,
     sign_split,
 )
-from joyai_megatron.rl.kl import KLEstimator
+from joyai_megatron.rl.kl import PGTerms
 
 
 def _node_index(ids: torch.Tensor, batch: int, name: str) -> tuple[torch.Tensor, int]:
@@ -140,10 +141,7 @@ def fiberpo_domain_loss(
     domain_delta: float = DEFAULT_DELTA,
     domain_c_minus: float = DEFAULT_C_MINUS,
     eps: float = DEFAULT_EPS,
-    ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: KLEstimator = "k3",
-    num_sequences: float | None = None,
+    **terms: Unpack[PGTerms],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """FiberPO-Domain loss and metrics; arguments as `fiberpo_loss` plus the hierarchy.
 
@@ -166,11 +164,8 @@ def fiberpo_domain_loss(
         lambda log_ratio, mask: fiberpo_domain_log_weights(
             log_ratio, mask, domain_ids, group_ids, budgets=budgets, eps=eps
         ),
-        eps=eps,
-        ref_logprobs=ref_logprobs,
-        kl_coef=kl_coef,
-        kl_estimator=kl_estimator,
-        num_sequences=num_sequences,
+        eps,
+        terms,
     )
     with torch.no_grad():
         for key, regime in weights.regimes.items():

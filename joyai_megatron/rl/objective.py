@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -19,6 +18,7 @@ from joyai_megatron.rl.aggregation import masked_log_ratio
 from joyai_megatron.rl.baselines import grpo_loss, gspo_loss
 from joyai_megatron.rl.fiberpo import GateRegime, channel_budgets, fiberpo_log_weights, fiberpo_loss
 from joyai_megatron.rl.fiberpo_domain import fiberpo_domain_loss
+from joyai_megatron.rl.kl import PGTerms
 
 KL_TYPES = ("k1", "k3")
 
@@ -41,8 +41,8 @@ class LossInputs:
         return self.logprobs, self.old_logprobs, self.advantages, self.mask
 
 
-# rl.loss -> (rl section, inputs, the keyword arguments every loss takes) -> (loss, metrics)
-PolicyLoss = Callable[[RLCfg, LossInputs, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# rl.loss -> (rl section, inputs, the keywords every loss takes) -> (loss, metrics)
+PolicyLoss = Callable[[RLCfg, LossInputs, PGTerms], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 LOSSES: dict[str, PolicyLoss] = {}
 
 
@@ -66,12 +66,12 @@ def _clip_kwargs(rl: RLCfg) -> dict[str, float]:
 
 
 @register_loss("fiberpo")
-def _fiberpo(rl: RLCfg, x: LossInputs, common: dict[str, Any]):
+def _fiberpo(rl: RLCfg, x: LossInputs, common: PGTerms):
     return fiberpo_loss(*x.policy, delta=rl.delta, c_minus=rl.c_minus, eps=rl.eps, **common)
 
 
 @register_loss("fiberpo_domain")
-def _fiberpo_domain(rl: RLCfg, x: LossInputs, common: dict[str, Any]):
+def _fiberpo_domain(rl: RLCfg, x: LossInputs, common: PGTerms):
     budgets = {
         f"{level}{name}": getattr(rl, f"{level}{name}")
         for level in ("", "group_", "domain_")
@@ -81,12 +81,12 @@ def _fiberpo_domain(rl: RLCfg, x: LossInputs, common: dict[str, Any]):
 
 
 @register_loss("grpo")
-def _grpo(rl: RLCfg, x: LossInputs, common: dict[str, Any]):
+def _grpo(rl: RLCfg, x: LossInputs, common: PGTerms):
     return grpo_loss(*x.policy, dual_clip=rl.dual_clip, **_clip_kwargs(rl), **common)
 
 
 @register_loss("gspo")
-def _gspo(rl: RLCfg, x: LossInputs, common: dict[str, Any]):
+def _gspo(rl: RLCfg, x: LossInputs, common: PGTerms):
     return gspo_loss(*x.policy, **_clip_kwargs(rl), **common)
 
 
@@ -109,12 +109,9 @@ def check_rl_config(rl: RLCfg) -> None:
 
 def policy_loss(rl: RLCfg, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum over sequences of the chosen loss's per-sequence objective (see module docstring)."""
-    common = {
-        "ref_logprobs": inputs.ref_logprobs,
-        "kl_coef": rl.kl_coef,
-        "kl_estimator": rl.kl_type,
-        "num_sequences": 1.0,
-    }
+    common = PGTerms(
+        ref_logprobs=inputs.ref_logprobs, kl_coef=rl.kl_coef, kl_estimator=rl.kl_type, num_sequences=1.0
+    )
     return LOSSES[rl.loss](rl, inputs, common)
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
-from joyai_megatron.rl import fiberpo_loss, grpo_loss, gspo_loss
+from joyai_megatron.rl import fiberpo_domain_loss, fiberpo_loss, grpo_loss, gspo_loss
 from joyai_megatron.rl.kl import kl_estimate
 
 
@@ -154,3 +155,18 @@ def test_shape_errors_are_reported():
         grpo_loss(new, old[:, :-1], adv, mask)
     with pytest.raises(ValueError, match="advantages"):
         gspo_loss(new, old, adv[:-1], mask)
+
+
+@pytest.mark.parametrize("loss", [grpo_loss, gspo_loss, fiberpo_loss, "fiberpo_domain"])
+def test_a_misspelt_loss_keyword_is_refused(loss) -> None:
+    """Every loss takes the shared keywords as ``**terms`` (``PGTerms``): a typo such as
+    ``kl_coeff`` must raise, not silently leave the KL penalty off."""
+    logprobs = torch.zeros(2, 3)
+    args = (logprobs, logprobs, torch.ones(2), torch.ones(2, 3, dtype=torch.bool))
+    if loss == "fiberpo_domain":
+        loss = partial(
+            fiberpo_domain_loss, domain_ids=torch.zeros(2, dtype=torch.long), group_ids=torch.arange(2)
+        )
+    with pytest.raises(TypeError, match="kl_coeff"):
+        loss(*args, kl_coeff=0.1)
+    loss(*args, kl_coef=0.0)  # the known spelling
