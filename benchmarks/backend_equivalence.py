@@ -12,7 +12,8 @@ trains ``--steps`` steps of the same batches through the normal ``pretrain`` com
   recipe. The mean LM loss over the last ``--window`` steps must be within ``--fp8-rel-tol``
   (default 1%) of ``te-bf16``'s.
 
-Parts run ``--concurrent`` at a time on the one GPU (small batches leave it idle between kernels).
+Parts run ``--concurrent`` at a time (small batches leave a GPU idle between kernels), each on
+the visible GPU with the fewest parts running.
 Prints a table and the ratios, writes ``results.json``; exit 1 if a check fails.
 
     python benchmarks/backend_equivalence.py --data runs/demo/data                # 20 steps, te vs local
@@ -123,11 +124,23 @@ def command(args: argparse.Namespace, name: str, extra: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def launch(args: argparse.Namespace, name: str, extra: list[str]) -> subprocess.Popen:
+def visible_gpus() -> list[str]:
+    """The GPUs parts may run on, as ``CUDA_VISIBLE_DEVICES`` entries (none on a CPU machine)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d for d in listed.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def launch(args: argparse.Namespace, name: str, extra: list[str], gpu: str | None = None) -> subprocess.Popen:
     out = args.out_dir / name
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "run.log").open("w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     return subprocess.Popen(
         command(args, name, extra), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env
     )
@@ -144,13 +157,18 @@ def run_parts(args: argparse.Namespace, parts: list[str], init: Path) -> dict[st
     codes: dict[str, int] = {}
     pending = list(parts)
     running: dict[str, subprocess.Popen] = {}
+    gpus = visible_gpus()
+    placed: dict[str, str | None] = {}
     while pending or running:
         while pending and len(running) < args.concurrent:
             name = pending.pop(0)
             extra = PARTS[name] + (
                 ["precision.fp8_param_gather=true"] if args.fp8_param_gather and "fp8" in name else []
             )
-            running[name] = launch(args, name, [*extra, *load])
+            busy = [placed[n] for n in running]
+            placed[name] = min(gpus, key=busy.count) if gpus else None
+            running[name] = launch(args, name, [*extra, *load], placed[name])
+            print(f"  {name}: started on GPU {placed[name]}", flush=True)
         for name, proc in list(running.items()):
             if proc.poll() is not None:
                 codes[name] = proc.returncode

@@ -66,3 +66,26 @@ def test_per_tensor_differences_list_the_tensors_that_disagree() -> None:
     lines = bench.per_tensor_differences(a, b)
     assert lines[0] == "tensors named alike: 2, 1 differ by more than 1%"
     assert lines[1].split() == ["x.linear_q_up_proj.weight", "4.00000", "3.60000", "10.0%"]
+
+
+def test_parts_spread_over_the_visible_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four parts at a time on two GPUs run two on each, with CUDA_VISIBLE_DEVICES set per part."""
+    started: dict[str, str | None] = {}
+
+    class Done:
+        returncode = 0
+
+        def poll(self) -> int:
+            return 0
+
+    def fake_launch(args, name, extra, gpu=None):  # noqa: ANN001, ANN202 (stands in for launch)
+        started[name] = gpu
+        return Done()
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    monkeypatch.setattr(bench, "launch", fake_launch)
+    monkeypatch.setattr(bench.time, "sleep", lambda _s: None)
+    args = bench.parse_args(["--data", str(tmp_path), "--out-dir", str(tmp_path), "--concurrent", "4"])
+    parts = ["te-bf16", "te-fp8-blockwise", "te-fp8-tensorwise", "te-fp8-delayed"]
+    assert bench.run_parts(args, parts, tmp_path) == dict.fromkeys(parts, 0)
+    assert started == dict(zip(parts, ["2", "5", "2", "5"], strict=True))

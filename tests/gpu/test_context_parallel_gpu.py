@@ -71,7 +71,9 @@ def test_te_cp2_matches_one_gpu(workers: dict[int, dict], case: str) -> None:
             one["losses"],
             two["losses"],
         )
-    assert one["losses"]["lm_loss"] < 5.0  # trained: far from the uniform ln(512) = 6.24
+    # Trained, not the uniform ln(512) = 6.24 (the init's 8 BF16 steps reach 5.64-5.73 on an H200,
+    # below 5 on CPU in fp32), so attending to the wrong tokens would change the loss.
+    assert one["losses"]["lm_loss"] < 6.0
     norm1 = torch.sqrt(sum(g.double().pow(2).sum() for g in one["grads"].values()))
     norm2 = torch.sqrt(sum(g.double().pow(2).sum() for g in two["grads"].values()))
     assert float(norm2) == pytest.approx(float(norm1), rel=2e-2)
