@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
 from data_prep.errors import DEFAULT_SKIP_FRACTION, DataPrepError, OutputLimits
-from joyai_megatron.errors import run_cli
+from joyai_megatron.errors import cli_entry
 
 
 def _common(parser: argparse.ArgumentParser, needs_seq: bool = False) -> None:
@@ -99,27 +100,24 @@ def _limits(args: argparse.Namespace) -> OutputLimits:
     return OutputLimits(allow_empty=args.allow_empty, max_skip_fraction=args.max_skip_fraction)
 
 
+def _same_named(args: argparse.Namespace, config: type, *other: str) -> dict[str, object]:
+    """The parsed options named like fields of the dataclass ``config`` (the flags are its field
+    names, so none is restated), except the ``other`` fields the caller fills itself."""
+    names = {f.name for f in dataclasses.fields(config)} - set(other)
+    missing = sorted(n for n in names if not hasattr(args, n))
+    if missing:
+        raise TypeError(f"{config.__name__} fields without a command-line option: {missing}")
+    return {n: getattr(args, n) for n in names}
+
+
 def run(args: argparse.Namespace) -> object:
     """Dispatch one parsed command; returns what to print as JSON."""
     if args.command == "pretrain":
         from data_prep.pretrain import PretrainConfig, run_pretrain
 
+        options = _same_named(args, PretrainConfig, "inputs", "progress", "limits")
         return run_pretrain(
-            PretrainConfig(
-                inputs=args.input,
-                tokenizer=args.tokenizer,
-                output_prefix=args.output_prefix,
-                text_key=args.text_key,
-                workers=args.workers,
-                engine=args.engine,
-                on_error=args.on_error,
-                max_doc_bytes=args.max_doc_bytes,
-                eod_token=args.eod_token,
-                verify_bytes=args.verify_bytes,
-                keep_shards=args.keep_shards,
-                progress=not args.no_progress,
-                limits=_limits(args),
-            )
+            PretrainConfig(inputs=args.input, progress=not args.no_progress, limits=_limits(args), **options)
         )
     if args.command == "train-tokenizer":
         from data_prep.train_tokenizer import train_tokenizer
@@ -173,12 +171,8 @@ def run(args: argparse.Namespace) -> object:
     return build_demo(Path(args.output), args.seq_length, args.workers)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Errors the user can fix print one line and exit 2 (``--debug``: the traceback)."""
-    return run_cli(_main, argv)
-
-
-def _main(argv: list[str]) -> int:
+@cli_entry
+def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = run(args)

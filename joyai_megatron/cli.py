@@ -8,7 +8,7 @@ import importlib
 import json
 import sys
 
-from joyai_megatron.errors import run_cli
+from joyai_megatron.errors import cli_entry
 
 # stage name -> (module, class); imported lazily so `count` and `plan` stay light.
 STAGES = {
@@ -89,12 +89,8 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Errors the user can fix print one line and exit 2 (``--debug``: the traceback)."""
-    return run_cli(_main, argv)
-
-
-def _main(raw: list[str]) -> int:
+@cli_entry
+def main(raw: list[str]) -> int:
     if raw[:1] == ["smoke"]:
         from joyai_megatron.smoke import main as smoke_main
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import sys
@@ -73,6 +74,17 @@ def disk_full_error(path: str | os.PathLike, err: BaseException) -> UserError:
 
 def debug_enabled(argv: list[str]) -> bool:
     return DEBUG_FLAG in argv or os.environ.get("JOYAI_DEBUG", "") not in ("", "0")
+
+
+def cli_entry(main: Callable[[list[str]], int]) -> Callable[..., int]:
+    """Decorate a command's ``main(argv)`` so that it runs through :func:`run_cli` and may be called
+    with no arguments (``sys.argv``), as console scripts and ``python -m`` do."""
+
+    @functools.wraps(main)
+    def entry(argv: list[str] | None = None) -> int:
+        return run_cli(main, argv)
+
+    return entry
 
 
 def run_cli(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from joyai_megatron.errors import run_cli
+from joyai_megatron.errors import cli_entry
 
 
 def _size(text: str) -> int:
@@ -66,12 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Errors the user can fix print one line and exit 2 (``--debug``: the traceback)."""
-    return run_cli(_main, argv)
-
-
-def _main(argv: list[str]) -> int:
+@cli_entry
+def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     progress = not args.no_progress
     if args.command == "to-hf":

@@ -57,7 +57,7 @@ from joyai_megatron.convert.hf_config import arch_to_hf_config, write_tokenizer_
 from joyai_megatron.convert.hf_io import PlannedTensor, write_hf_shards
 from joyai_megatron.convert.mapping import MappingTable, TensorMap, mapping_table, megatron_to_hf
 from joyai_megatron.convert.to_hf import KEEP_FP32
-from joyai_megatron.errors import run_cli
+from joyai_megatron.errors import cli_entry
 from joyai_megatron.model.presets import ModelArch
 from joyai_megatron.quant import compressed
 from joyai_megatron.quant.qat_model import QATModel, checkpoint_recipe, load_qat_model
@@ -379,12 +379,8 @@ def _algo(quant_config: dict[str, Any] | None, ct_config: Any) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Errors the user can fix print one line and exit 2 (``--debug``: the traceback)."""
-    return run_cli(_main, argv)
-
-
-def _main(argv: list[str]) -> int:
+@cli_entry
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="python -m joyai_megatron.quant.export", description=__doc__.split("\n")[0]
     )

@@ -25,7 +25,7 @@ from pathlib import Path
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.config.schema import Recipe
 from joyai_megatron.convert.dist_ckpt import resolve_iteration_dir
-from joyai_megatron.errors import run_cli
+from joyai_megatron.errors import cli_entry
 from joyai_megatron.quant import modelopt_state as mos
 
 
@@ -79,12 +79,8 @@ def compare_checkpoints(
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Errors the user can fix print one line and exit 2 (``--debug``: the traceback)."""
-    return run_cli(_main, argv)
-
-
-def _main(argv: list[str]) -> int:
+@cli_entry
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="python -m joyai_megatron.stages.qat_compare", description=__doc__.split("\n")[0]
     )

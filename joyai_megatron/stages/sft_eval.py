@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from joyai_megatron.errors import UserError, run_cli
+from joyai_megatron.errors import UserError, cli_entry
 from joyai_megatron.stages.generate import greedy_generate
 
 THINK_CLOSE = "</think>"
@@ -116,12 +116,8 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Any]
     return loaded.model, loaded.recipe
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Errors the user can fix print one line and exit 2 (``--debug``: the traceback)."""
-    return run_cli(_main, argv)
-
-
-def _main(argv: list[str]) -> int:
+@cli_entry
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m joyai_megatron.stages.sft_eval", description=__doc__)
     parser.add_argument("checkpoint", help="checkpoint root (its latest step) or one iter_* directory")
     parser.add_argument(

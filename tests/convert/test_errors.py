@@ -18,19 +18,21 @@ from joyai_megatron.convert.from_hf import import_from_hf
 from joyai_megatron.convert.to_hf import export_to_hf
 from tests.convert.convert_helpers import make_tiny_hf
 
-# config.json edit -> the first offending tensor (model order) and both shapes in the message.
+# An edit of config.json (import) or of the recipe's arch (export) -> the first offending tensor, in
+# model order, with both shapes.
+HF_SAYS = r"{}: the HF checkpoint has shape \[{}\], config\.json {}implies {}"
+CKPT_SAYS = r"{}: the checkpoint has {}, the recipe's architecture implies shape \[{}\]"
 HF_MISMATCHES = {
-    "experts": ({"n_routed_experts": 16}, r"model\.layers\.1\.mlp\.gate\.weight: the HF checkpoint has shape \[8, 64\], config\.json .* implies shape \[16, 64\]"),
-    "hidden": ({"hidden_size": 128}, r"model\.embed_tokens\.weight: the HF checkpoint has shape \[512, 64\], config\.json .* implies shape \[512, 128\]"),
-    "vocab": ({"vocab_size": 1024}, r"model\.embed_tokens\.weight: the HF checkpoint has shape \[512, 64\], config\.json .* implies shape \[1024, 64\]"),
-    "layers": ({"num_hidden_layers": 3}, r"model\.layers\.4\.\S+: the HF checkpoint has shape \[\d+(, \d+)?\], config\.json \(3 layers \+ 1 MTP.*implies no such tensor"),
-}  # fmt: skip
-
+    "experts": ({"n_routed_experts": 16}, HF_SAYS.format(r"model\.layers\.1\.mlp\.gate\.weight", "8, 64", ".* ", r"shape \[16, 64\]")),
+    "hidden": ({"hidden_size": 128}, HF_SAYS.format(r"model\.embed_tokens\.weight", "512, 64", ".* ", r"shape \[512, 128\]")),
+    "vocab": ({"vocab_size": 1024}, HF_SAYS.format(r"model\.embed_tokens\.weight", "512, 64", ".* ", r"shape \[1024, 64\]")),
+    "layers": ({"num_hidden_layers": 3}, HF_SAYS.format(r"model\.layers\.4\.\S+", r"\d+(, \d+)?", r"\(3 layers \+ 1 MTP.*", "no such tensor")),
+}
 CKPT_MISMATCHES = {
-    "experts": ({"num_experts": 16}, r"decoder\.layers\.1\.mlp\.router\.weight: the checkpoint has shape \[8, 64\], the recipe's architecture implies shape \[16, 64\]"),
-    "hidden": ({"hidden_size": 128}, r"embedding\.word_embeddings\.weight: the checkpoint has shape \[512, 64\], the recipe's architecture implies shape \[512, 128\]"),
-    "vocab": ({"vocab_size": 1024}, r"embedding\.word_embeddings\.weight: the checkpoint has shape \[512, 64\], the recipe's architecture implies shape \[1024, 64\]"),
-    "layers": ({"num_layers": 5}, r"decoder\.layers\.4\.input_layernorm\.weight: the checkpoint has no such tensor, the recipe's architecture implies shape \[64\]"),
+    "experts": ({"num_experts": 16}, CKPT_SAYS.format(r"decoder\.layers\.1\.mlp\.router\.weight", r"shape \[8, 64\]", "16, 64")),
+    "hidden": ({"hidden_size": 128}, CKPT_SAYS.format(r"embedding\.word_embeddings\.weight", r"shape \[512, 64\]", "512, 128")),
+    "vocab": ({"vocab_size": 1024}, CKPT_SAYS.format(r"embedding\.word_embeddings\.weight", r"shape \[512, 64\]", "1024, 64")),
+    "layers": ({"num_layers": 5}, CKPT_SAYS.format(r"decoder\.layers\.4\.input_layernorm\.weight", "no such tensor", "64")),
 }  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from joyai_megatron.rl.rewards.sandbox import (
     run_python_tests,
     unsafe_code_execution,
 )
-from joyai_megatron.rl.rewards.sandbox.runtime.wire import WireError, decode, encode
+from joyai_megatron.rl.rewards.sandbox.runtime.wire import MAX_DEPTH, WireError, decode, encode
 
 TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
 needs_bwrap = pytest.mark.skipif(not bubblewrap_available(), reason="bubblewrap unusable here")
@@ -86,11 +86,14 @@ def test_wire_codec_round_trips_plain_data_and_rejects_the_rest():
     for bad in ({"x": 1}, {"d": [[[1], 2]]}, {"b": "not base64!"}, {"t": 1}, {"a": 1, "b": 2}):
         with pytest.raises(WireError):
             decode(bad, resolve=lambda n: n)
-    nested: list = []
-    for _ in range(100):
-        nested = [nested]
-    with pytest.raises(WireError):
-        encode(nested)
+    nested: list = [1]
+    for _ in range(MAX_DEPTH - 1):
+        nested = [nested]  # MAX_DEPTH lists deep: allowed both ways
+    assert decode(encode(nested), resolve=lambda n: n) == nested
+    with pytest.raises(WireError, match="nested too deeply"):
+        encode([nested])
+    with pytest.raises(WireError, match="nested too deeply"):
+        decode([json.loads(json.dumps(encode(nested)))], resolve=lambda n: n)
 
 
 @needs_bwrap

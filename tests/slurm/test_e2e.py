@@ -27,6 +27,20 @@ def step_lines(text: str) -> list[tuple[int, int, float]]:
     return [(int(s), int(t), float(loss)) for s, t, loss in found]
 
 
+def training_env(
+    cluster: SlurmCluster, root: Path, checkpoint_dir: Path, iters: int, overrides: str, **extra: str
+) -> dict[str, str]:
+    """A training script's job environment: logs under ``root/logs``, one log line per step."""
+    return cluster.job_env(
+        root / "logs",
+        CHECKPOINT_DIR=str(checkpoint_dir),
+        TRAIN_ITERS=str(iters),
+        LOG_INTERVAL="1",
+        OVERRIDES=overrides,
+        **extra,
+    )
+
+
 def tracker(checkpoint_dir: Path) -> int:
     return int((checkpoint_dir / "latest_checkpointed_iteration.txt").read_text().strip())
 
@@ -45,17 +59,12 @@ def pretrain_run(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathF
     require_trainer()
     root = tmp_path_factory.mktemp("pretrain")
     checkpoint_dir = root / "ckpt"
-    env = slurm_cluster.job_env(
-        root / "logs",
-        CHECKPOINT_DIR=str(checkpoint_dir),
-        TRAIN_ITERS="4",
+    env = training_env(
+        slurm_cluster, root, checkpoint_dir, 4, f"{MOCK_DATA} data.cache_dir={root / 'cache'}",
         SAVE_INTERVAL="2",
-        LOG_INTERVAL="1",
-        OVERRIDES=f"{MOCK_DATA} data.cache_dir={root / 'cache'}",
-        # sbatch's own input variable beats the script's `#SBATCH --time=04:00:00`.
-        SBATCH_TIMELIMIT="00:20:00",
+        SBATCH_TIMELIMIT="00:20:00",  # sbatch's own input variable beats the script's `#SBATCH --time`
         SUBMIT_PREFLIGHT="1",
-    )
+    )  # fmt: skip
     job_id = slurm_cluster.submit("pretrain_48b", env)
     job = slurm_cluster.wait(job_id, JOB_TIMEOUT)
     return PretrainRun(job, assert_completed(slurm_cluster, job), checkpoint_dir, root / "logs")
@@ -101,14 +110,9 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster
     require_trainer()
     checkpoint_dir = tmp_path / "ckpt"
     total = 60  # long enough that the signal lands mid-run even on a fast idle machine
-    env = slurm_cluster.job_env(
-        tmp_path / "logs",
-        CHECKPOINT_DIR=str(checkpoint_dir),
-        TRAIN_ITERS=str(total),
-        SAVE_INTERVAL="0",
-        LOG_INTERVAL="1",
-        MAX_RESTARTS="2",
-        OVERRIDES=f"{MOCK_DATA} data.cache_dir={tmp_path / 'cache'}",
+    overrides = f"{MOCK_DATA} data.cache_dir={tmp_path / 'cache'}"
+    env = training_env(
+        slurm_cluster, tmp_path, checkpoint_dir, total, overrides, SAVE_INTERVAL="0", MAX_RESTARTS="2"
     )
     job_id = slurm_cluster.submit("pretrain_48b", env)
     out_file = Path(slurm_cluster.job(job_id).info["StdOut"])
@@ -305,13 +309,8 @@ def test_post_training_stage_job(
         pytest.skip(f"stage '{stage}' starts from the '{parent}' checkpoint, whose test did not pass")
     data: Path = request.getfixturevalue("demo_data")  # built only when a stage exists
     checkpoint_dir = tmp_path / "ckpt"
-    env = slurm_cluster.job_env(
-        tmp_path / "logs",
-        CHECKPOINT_DIR=str(checkpoint_dir),
-        TRAIN_ITERS="2",
-        LOG_INTERVAL="1",
-        OVERRIDES=stage_overrides(stage, data) + ("" if parent else " checkpoint.load=null"),
-    )
+    overrides = stage_overrides(stage, data) + ("" if parent else " checkpoint.load=null")
+    env = training_env(slurm_cluster, tmp_path, checkpoint_dir, 2, overrides)
     if parent is not None:
         env["LOAD_CHECKPOINT"] = str(STAGE_CHECKPOINTS[parent])
     job = slurm_cluster.wait(slurm_cluster.submit(script, env), JOB_TIMEOUT)

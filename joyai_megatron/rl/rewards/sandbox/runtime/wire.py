@@ -23,28 +23,34 @@ class WireError(Exception):
     """A malformed, oversized or missing message: the sender broke the protocol."""
 
 
+# Containers of items and their tags (a list goes as a JSON array, untagged).
+_ITEM_TAGS: dict[type, str] = {list: "", tuple: "t", set: "s", frozenset: "f"}
+
+
+def _deeper(depth: int) -> int:
+    """The depth of a container's items; refuses values nested deeper than MAX_DEPTH."""
+    if depth >= MAX_DEPTH:
+        raise WireError("value nested too deeply")
+    return depth + 1
+
+
 def encode(value: Any, handle_for: Callable[[Any], int] | None = None, depth: int = 0) -> Any:
     """JSON-ready form of ``value``; objects that are not plain data become ``{"h": handle_for(obj)}``.
 
     Only exact built-in types count as plain data (an ``int`` subclass with its own ``__eq__`` is a
     handle), so what a value means never depends on code the other side wrote.
     """
-    if depth > MAX_DEPTH:
-        raise WireError("value nested too deeply")
     kind = type(value)
     if kind in _SCALARS:
         return value
-    nested = depth + 1
-    if kind is list:
-        return [encode(v, handle_for, nested) for v in value]
-    if kind is tuple:
-        return {"t": [encode(v, handle_for, nested) for v in value]}
+    nested = _deeper(depth)
     if kind is dict:
         return {
             "d": [[encode(k, handle_for, nested), encode(v, handle_for, nested)] for k, v in value.items()]
         }
-    if kind is set or kind is frozenset:
-        return {"s" if kind is set else "f": [encode(v, handle_for, nested) for v in value]}
+    if kind in _ITEM_TAGS:
+        items = [encode(v, handle_for, nested) for v in value]
+        return {_ITEM_TAGS[kind]: items} if _ITEM_TAGS[kind] else items
     if kind is bytes or kind is bytearray:
         return {"b" if kind is bytes else "y": base64.b64encode(value).decode("ascii")}
     if kind is complex:
@@ -71,12 +77,10 @@ def encode_names(values: dict[str, Any], handle_for: Callable[[Any], int], max_b
 
 def decode(data: Any, resolve: Callable[[int], Any], depth: int = 0) -> Any:
     """The value ``encode`` produced; ``resolve(n)`` turns handle n into the receiver's object."""
-    if depth > MAX_DEPTH:
-        raise WireError("value nested too deeply")
     kind = type(data)
     if kind in _SCALARS:
         return data
-    nested = depth + 1
+    nested = _deeper(depth)
     if kind is list:
         return [decode(v, resolve, nested) for v in data]
     if kind is not dict or len(data) != 1:
