@@ -100,14 +100,14 @@ def _limits(args: argparse.Namespace) -> OutputLimits:
     return OutputLimits(allow_empty=args.allow_empty, max_skip_fraction=args.max_skip_fraction)
 
 
-def _same_named(args: argparse.Namespace, config: type, *other: str) -> dict[str, object]:
-    """The parsed options named like fields of the dataclass ``config`` (the flags are its field
-    names, so none is restated), except the ``other`` fields the caller fills itself."""
-    names = {f.name for f in dataclasses.fields(config)} - set(other)
+def _config_from(args: argparse.Namespace, config: type, **given: object) -> object:
+    """The dataclass ``config`` from the ``given`` fields plus, for every other field, the parsed
+    option of the same name (the flags are its field names, so none is restated)."""
+    names = {f.name for f in dataclasses.fields(config)} - given.keys()
     missing = sorted(n for n in names if not hasattr(args, n))
     if missing:
         raise TypeError(f"{config.__name__} fields without a command-line option: {missing}")
-    return {n: getattr(args, n) for n in names}
+    return config(**{n: getattr(args, n) for n in names}, **given)
 
 
 def run(args: argparse.Namespace) -> object:
@@ -115,9 +115,10 @@ def run(args: argparse.Namespace) -> object:
     if args.command == "pretrain":
         from data_prep.pretrain import PretrainConfig, run_pretrain
 
-        options = _same_named(args, PretrainConfig, "inputs", "progress", "limits")
         return run_pretrain(
-            PretrainConfig(inputs=args.input, progress=not args.no_progress, limits=_limits(args), **options)
+            _config_from(
+                args, PretrainConfig, inputs=args.input, progress=not args.no_progress, limits=_limits(args)
+            )
         )
     if args.command == "train-tokenizer":
         from data_prep.train_tokenizer import train_tokenizer

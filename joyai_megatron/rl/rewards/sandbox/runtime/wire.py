@@ -48,9 +48,10 @@ def encode(value: Any, handle_for: Callable[[Any], int] | None = None, depth: in
         return {
             "d": [[encode(k, handle_for, nested), encode(v, handle_for, nested)] for k, v in value.items()]
         }
-    if kind in _ITEM_TAGS:
+    tag = _ITEM_TAGS.get(kind)
+    if tag is not None:
         items = [encode(v, handle_for, nested) for v in value]
-        return {_ITEM_TAGS[kind]: items} if _ITEM_TAGS[kind] else items
+        return {tag: items} if tag else items
     if kind is bytes or kind is bytearray:
         return {"b" if kind is bytes else "y": base64.b64encode(value).decode("ascii")}
     if kind is complex:
