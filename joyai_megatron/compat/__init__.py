@@ -1,5 +1,7 @@
 """The only place that adapts Megatron-Core (0.19.2) and its optional kernels to how this repository
-runs them: on CPU, without Transformer Engine or Apex, with ZeRO-1 at FP32, under context parallelism.
+runs them: on CPU, without Transformer Engine or Apex, with ZeRO-1 at FP32, under context parallelism;
+and the CPU runtime under them (libgomp's thread teams, glibc's heap), which Megatron-Core's gloo
+collectives and CPU training steps otherwise slow down.
 
 Every patch is a row of :data:`PATCHES` (what it covers upstream, when it acts) and is installed by
 :func:`install`, which ``training.distributed.init_distributed`` calls: every code path that builds a
@@ -45,6 +47,21 @@ PATCHES: tuple[Patch, ...] = (
         "FP32Optimizer scale, grad clip, DistributedOptimizer)",
         "no CUDA",
         "apply_cpu_redirects",
+    ),
+    Patch(
+        "serial helper threads",
+        "threads",
+        "not Megatron-Core: libgomp's spin throttling once gloo's worker threads run ATen copies in "
+        "parallel (config/linux/wait.h do_spin; after every checkpoint save)",
+        "no CUDA",
+        "serial_helper_threads",
+    ),
+    Patch(
+        "heap keeps freed memory",
+        "allocator",
+        "not Megatron-Core: glibc's dynamic mmap/trim thresholds (zero-fill page faults every step)",
+        "no CUDA",
+        "keep_freed_memory",
     ),
     Patch(
         "no-TE recompute",

@@ -31,10 +31,12 @@ from megatron.core.transformer import multi_latent_attention
 from megatron.core.models.gpt import gpt_model
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.optimizer import layer_wise_optimizer
-from joyai_megatron.compat import cpu, mla, mtp, multi_tensor, no_te, rope, router
+from joyai_megatron.compat import cpu, mla, mtp, multi_tensor, no_te, rope, router, threads, allocator
 from joyai_megatron.optim.muon import BatchedMuon
 state = {
     "cpu redirects": cpu._applied,
+    "heap keeps freed memory": allocator._applied,
+    "serial helper threads": threads._applied or __import__("torch").get_num_threads() == 1,
     "no-TE recompute": mcore_random.FP8GlobalStateManager is no_te._STAND_INS["FP8GlobalStateManager"],
     "MLA down projections": multi_latent_attention.Linear is mla.ReplicatedLinear,
     "multi-tensor ops": clip_grads.l2_norm_impl is multi_tensor.foreach_l2_norm,
