@@ -147,6 +147,20 @@ def check_coverage(
     return report
 
 
+def load_hf_model(hf_dir: str | Path) -> torch.nn.Module:
+    """transformers' DeepseekV3 from an export, fp32, eval mode, without its load report: the MTP
+    layer our exports write at layer N is "unexpected" to transformers, by design."""
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def compare_logits(
     iter_dir: Path,
     hf_dir: Path,
@@ -158,9 +172,6 @@ def compare_logits(
     seed: int = 0,
 ) -> tuple[float, bool]:
     """(max |logits_megatron - logits_hf|, greedy generations equal) on random prompts, fp32 CPU."""
-    from transformers import DeepseekV3ForCausalLM
-    from transformers.utils import logging as hf_logging
-
     from joyai_megatron.convert.megatron_model import megatron_greedy, megatron_logits
     from joyai_megatron.training.checkpoint import load_model_weights
     from joyai_megatron.training.checkpoint_model import build_megatron_model, init_single_process
@@ -168,12 +179,7 @@ def compare_logits(
     init_single_process()
     model = build_megatron_model(table.arch, mtp=table.include_mtp)
     load_model_weights(model, iter_dir)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the MTP layer is "unexpected" to transformers, by design
-    try:
-        hf_model = DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    hf_model = load_hf_model(hf_dir)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, table.arch.vocab_size, (batch, seq), generator=gen)
     meg, _ = megatron_logits(model, ids)

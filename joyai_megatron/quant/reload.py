@@ -100,9 +100,8 @@ def compare_logits(
     checkpoint: str | os.PathLike, hf_dir: str | os.PathLike, *, batch: int = 2, seq: int = 16, seed: int = 0
 ) -> float:
     """Max |logits| difference between the export (dequantized) and the fake-quantized checkpoint."""
-    from transformers import DeepseekV3ForCausalLM
-
     from joyai_megatron.convert.megatron_model import megatron_logits
+    from joyai_megatron.convert.verify import load_hf_model
     from joyai_megatron.quant import modelopt_state as mos
     from joyai_megatron.quant.qat_model import load_qat_model
 
@@ -115,14 +114,11 @@ def compare_logits(
     meg, _ = megatron_logits(loaded.model.float(), ids)
     if is_compressed_tensors(hf_dir):
         # transformers reads compressed-tensors itself (unpacking through the package): load as is.
-        ref = DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()(ids).logits
+        ref = load_hf_model(hf_dir)(ids).logits
         return (meg - ref).abs().max().item()
     tmp = Path(tempfile.mkdtemp(prefix="qat_reload_"))
     try:
-        hf_model = DeepseekV3ForCausalLM.from_pretrained(
-            write_dequantized(hf_dir, tmp), dtype=torch.float32
-        ).eval()
-        ref = hf_model(ids).logits
+        ref = load_hf_model(write_dequantized(hf_dir, tmp))(ids).logits
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return (meg - ref).abs().max().item()
