@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-mtp", dest="mtp", action="store_false", help="ours without the MTP block")
     p.add_argument("--documents", action="store_true", help="per-document attention (ours only)")
     p.add_argument("--backend", choices=("local", "te"), default="local", help="ours: model.backend")
+    p.add_argument(
+        "--dispatcher", choices=("allgather", "alltoall"), help="ours: MoE token dispatcher (default: te alltoall)"
+    )
     p.add_argument("--fp8-recipe", default=None, help="ours with te: E4M3 FP8 with this scaling recipe")
     p.add_argument("--fp8-param-gather", action="store_true", help="ours with FP8: FP8 weights too")
     p.add_argument("--data", help="demo data dir (tokenizer/, blend.yaml) instead of mock tokens")
@@ -259,7 +262,7 @@ def bench_recipe(args: argparse.Namespace, out_dir: Path, train_iters: int) -> P
             "moe_grouped_gemm": args.experts == "grouped",
             # te: the 48B recipes' dispatcher (FP8's router padding needs it: Megatron-Core refuses
             # padding with allgather, found when every FP8 part died at config build on an H200).
-            "moe_token_dispatcher": "alltoall" if args.backend == "te" else "allgather",
+            "moe_token_dispatcher": args.dispatcher or ("alltoall" if args.backend == "te" else "allgather"),
             "moe_router_padding_for_fp8": bool(args.fp8_recipe),
             "recompute": args.recompute,
         },
