@@ -13,6 +13,14 @@ matmul timed first gives the peak for MFU. FLOPs per token come from
     python benchmarks/train_throughput.py --profile            # plus the top device-time sinks
     python benchmarks/train_throughput.py --data runs/demo/data --steps 100 --parts ours
     python benchmarks/train_throughput.py --dry-run            # CPU, tiny preset, seconds (CI)
+    # time to a validation loss on real text: ours (recipe LR) vs the baseline at three LRs
+    python benchmarks/train_throughput.py --data runs/demo/data --warmup 0 --steps 300 --val-every 20 \
+        --parts ours-no-mtp,baseline@3e-4,baseline@1e-3,baseline@3e-3
+
+A part name may end in ``@LR`` (that part at learning rate LR). With ``--val-every K`` each part
+also records its validation loss on the first ``--val-rows`` rows of the data's validation split
+every K steps (not timed); the report then gives every part's tokens and training seconds to the
+highest loss all parts reach, and ours against the best baseline.
 """
 
 from __future__ import annotations
@@ -49,6 +57,17 @@ PARTS = {
     "baseline": ("baseline", {}),
     "baseline-eager": ("baseline", {"baseline_experts": "eager"}),
 }
+
+
+def part_and_lr(name: str) -> tuple[str, float | None]:
+    """``"baseline@1e-3"`` -> ``("baseline", 0.001)``; a plain name has no learning rate of its own."""
+    part, _, lr = name.partition("@")
+    try:
+        return part, float(lr) if lr else None
+    except ValueError:
+        return name, None
+
+
 DRY_RUN = {
     "device": "cpu",
     "preset": "tiny",
@@ -83,13 +102,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--documents", action="store_true", help="per-document attention (ours only)")
     p.add_argument("--backend", choices=("local", "te"), default="local", help="ours: model.backend")
     p.add_argument(
-        "--dispatcher", choices=("allgather", "alltoall"), help="ours: MoE token dispatcher (default: te alltoall)"
+        "--dispatcher",
+        choices=("allgather", "alltoall"),
+        help="ours: MoE token dispatcher (default: te alltoall)",
     )
     p.add_argument("--fp8-recipe", default=None, help="ours with te: E4M3 FP8 with this scaling recipe")
     p.add_argument("--fp8-param-gather", action="store_true", help="ours with FP8: FP8 weights too")
     p.add_argument("--data", help="demo data dir (tokenizer/, blend.yaml) instead of mock tokens")
     p.add_argument("--lr", type=float, default=4.2e-4)
-    p.add_argument("--parts", default="ours,baseline", help=f"comma list of {sorted(PARTS)}")
+    p.add_argument(
+        "--parts", default="ours,baseline", help=f"comma list of {sorted(PARTS)}, each may end in @LR"
+    )
+    p.add_argument(
+        "--val-every", type=int, default=0, help="validation loss every K timed steps (needs --data)"
+    )
+    p.add_argument(
+        "--val-rows", type=int, default=32, help="validation rows (from the data's validation split)"
+    )
     p.add_argument("--profile", action="store_true", help="profile a few steps after the timed ones")
     p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--matmul-size", type=int, default=8192)
@@ -100,13 +129,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dry_run:
         for key, value in DRY_RUN.items():
             setattr(args, key, value)
-    unknown = [x for x in args.parts.split(",") if x not in PARTS]
+    unknown = [x for x in args.parts.split(",") if part_and_lr(x)[0] not in PARTS]
     if unknown:
         p.error(f"--parts: unknown {unknown}; choose from {sorted(PARTS)}")
     if args.global_batch % args.micro_batch:
         p.error(f"--global-batch {args.global_batch} is not a multiple of --micro-batch {args.micro_batch}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available (use --dry-run or --device cpu)")
+    if args.val_every and not args.data:
+        p.error("--val-every needs --data (a validation split of real text; mock tokens have none)")
     if args.data and not (Path(args.data) / "blend.yaml").is_file():
         p.error(
             f"--data {args.data}: no blend.yaml there (run `python -m data_prep demo --output {args.data}`)"
@@ -149,17 +180,31 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def timed_steps(args: argparse.Namespace, step: Any) -> dict[str, Any]:
-    """Warm-up, then timed steps of ``step() -> loss``; then one step timed per phase (with a
-    device sync around each phase) and, if asked, the profiled steps."""
+def timed_steps(args: argparse.Namespace, step: Any, validate: Any = None) -> dict[str, Any]:
+    """Warm-up, then timed steps of ``step() -> loss`` (with ``--val-every``, ``validate() -> loss``
+    between them, outside the clock); then one step timed per phase (with a device sync around
+    each phase) and, if asked, the profiled steps."""
     losses = [step() for _ in range(args.warmup)]
+    curve: list[dict[str, float]] = []
+    elapsed = 0.0
     synchronize(args.device)
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for i in range(1, args.steps + 1):
         losses.append(step())
+        if args.val_every and i % args.val_every == 0:
+            synchronize(args.device)
+            elapsed += time.perf_counter() - start
+            tokens = (args.warmup + i) * args.global_batch * args.seq_length
+            curve.append(
+                {"step": args.warmup + i, "tokens": tokens, "seconds": elapsed, "val_loss": validate()}
+            )
+            synchronize(args.device)
+            start = time.perf_counter()
     synchronize(args.device)
-    elapsed = time.perf_counter() - start
+    elapsed += time.perf_counter() - start
     result: dict[str, Any] = {"elapsed_s": elapsed, "losses": losses}
+    if curve:
+        result["curve"] = curve
     PHASE_CLOCK.update(device=args.device, seconds={})
     try:
         step()
@@ -305,16 +350,48 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     trainer = Trainer(recipe, PretrainStage)
     trainer.run_microbatches = phase(trainer.run_microbatches, "forward-backward")
     trainer.optimizer.step = phase(trainer.optimizer.step, "optimizer")
+    rows = validation_batches(args, out_dir) if args.val_every else []
     try:
-        result = timed_steps(args, lambda: trainer.train_step()["lm_loss"])
+        result = timed_steps(
+            args, lambda: trainer.train_step()["lm_loss"], lambda: ours_loss(trainer.model[0], rows)
+        )
     finally:
         shutdown()
     result["flops_per_token"] = flops_per_token(recipe_arch(recipe), args.seq_length, mtp=args.mtp)
     fp8 = f", FP8 {args.fp8_recipe}" if args.fp8_recipe else ""
     result["what"] = (
-        f"Trainer+PretrainStage, {args.backend}{fp8}, Muon, {'MTP' if args.mtp else 'no MTP'}, {args.experts} experts"
+        f"Trainer+PretrainStage, {args.backend}{fp8}, Muon lr {args.lr:g}, {'MTP' if args.mtp else 'no MTP'}, "
+        f"{args.experts} experts"
     )
     return result
+
+
+def ours_loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
+    """Mean next-token cross-entropy of our model (the GPTModel inside DDP and Float16Module) on
+    ``batches``, computed as transformers computes the baseline's (logits shifted by one)."""
+    from joyai_megatron.convert.megatron_model import megatron_logits
+
+    while hasattr(model, "module"):
+        model = model.module
+    losses = []
+    with torch.no_grad():
+        for tokens in batches:
+            logits, _ = megatron_logits(model, tokens)
+            losses.append(
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten()
+                )
+            )
+    model.train()
+    return float(torch.stack(losses).mean())
+
+
+def baseline_loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
+    model.eval()
+    with torch.no_grad():
+        losses = [model(input_ids=tokens, labels=tokens).loss.float() for tokens in batches]
+    model.train()
+    return float(torch.stack(losses).mean())
 
 
 def hf_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -336,15 +413,25 @@ def hf_model(args: argparse.Namespace) -> torch.nn.Module:
     return model.train()
 
 
-def token_batches(args: argparse.Namespace, out_dir: Path, count: int) -> list[torch.Tensor]:
-    """The token rows our part trains on, from the same dataset class and seed."""
+def token_batches(
+    args: argparse.Namespace, out_dir: Path, count: int, split: str = "train"
+) -> list[torch.Tensor]:
+    """``count`` micro-batches of the rows our part trains on (or of the validation split), from
+    the same dataset class and seed."""
     from joyai_megatron.config.recipe import load_recipe
     from joyai_megatron.stages.pretrain import PretrainStage
 
     stage = PretrainStage(load_recipe(bench_recipe(args, out_dir, 1)))
-    train = stage.build_datasets(count * args.micro_batch, 1)["train"]
-    rows = [torch.as_tensor(train[i]["tokens"]) for i in range(count * args.micro_batch)]
+    rows_wanted = count * args.micro_batch
+    data = stage.build_datasets(rows_wanted, rows_wanted)[split]
+    rows = [torch.as_tensor(data[i]["tokens"]) for i in range(rows_wanted)]
     return [torch.stack(rows[i : i + args.micro_batch]) for i in range(0, len(rows), args.micro_batch)]
+
+
+def validation_batches(args: argparse.Namespace, out_dir: Path) -> list[torch.Tensor]:
+    """The first ``--val-rows`` rows of the validation split, on the device, in micro-batches."""
+    count = max(1, args.val_rows // args.micro_batch)
+    return [b.to(args.device) for b in token_batches(args, out_dir, count, "valid")]
 
 
 def run_baseline(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
@@ -387,19 +474,23 @@ def run_baseline(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         optimizer_step()
         return float(total)
 
-    result = timed_steps(args, step)
+    rows = validation_batches(args, out_dir) if args.val_every else []
+    result = timed_steps(args, step, lambda: baseline_loss(model, rows))
     experts = getattr(model.config, "_experts_implementation", None) or "eager"
     result["flops_per_token"] = flops_per_token(get_preset(args.preset), args.seq_length, mtp=False)
     result["what"] = (
-        f"transformers {transformers.__version__} DeepseekV3ForCausalLM, AdamW, {experts} experts"
+        f"transformers {transformers.__version__} DeepseekV3ForCausalLM, AdamW lr {args.lr:g}, {experts} experts"
     )
     return result
 
 
 def run_part(args: argparse.Namespace) -> dict[str, Any]:
-    runner, overrides = PARTS[args.part]
+    name, lr = part_and_lr(args.part)
+    runner, overrides = PARTS[name]
     for key, value in overrides.items():
         setattr(args, key, value)
+    if lr is not None:
+        args.lr = lr
     out_dir = Path(args.out_dir) / args.part
     out_dir.mkdir(parents=True, exist_ok=True)
     result = (run_ours if runner == "ours" else run_baseline)(args, out_dir)
@@ -482,6 +573,7 @@ def report(args: argparse.Namespace, env: dict[str, Any], peak: float, results: 
                     f"ratio {ours}/{base}: tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
                     f"TFLOP/s {a['tflops'] / b['tflops']:.2f}x"
                 )
+    lines += time_to_loss(results)
     for r in results:
         if "phases_s" in r:
             phases = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r["phases_s"].items())
@@ -502,6 +594,35 @@ def report(args: argparse.Namespace, env: dict[str, Any], peak: float, results: 
                     f"{row['calls_per_step']:>6.0f} calls"
                 )
     return "\n".join(lines)
+
+
+def time_to_loss(results: list[dict]) -> list[str]:
+    """Tokens and training seconds each part took to reach the highest validation loss that every
+    part reached, and ours (fastest of our parts) against the best baseline."""
+    curves = {r["part"]: r["curve"] for r in results if r.get("curve")}
+    if not curves:
+        return []
+    target = max(min(p["val_loss"] for p in c) for c in curves.values())
+    lines = [f"time to validation loss {target:.4f} (the highest loss every part reached):"]
+    reached = {}
+    for part, curve in curves.items():
+        point = next(p for p in curve if p["val_loss"] <= target)
+        reached[part] = point
+        trail = " -> ".join(f"{p['val_loss']:.3f}" for p in curve[:: max(1, len(curve) // 6)])
+        lines.append(
+            f"  {part:<22} step {point['step']:>5}  {point['tokens']:>12,} tokens  {point['seconds']:>8.1f} s"
+            f"   (validation loss {trail} -> {curve[-1]['val_loss']:.3f})"
+        )
+    ours = {k: v for k, v in reached.items() if not k.startswith("baseline")}
+    bases = {k: v for k, v in reached.items() if k.startswith("baseline")}
+    if ours and bases:
+        o = min(ours, key=lambda k: ours[k]["seconds"])
+        b = min(bases, key=lambda k: bases[k]["seconds"])
+        lines.append(
+            f"ratio time-to-loss {o}/{b} (best baseline): seconds {ours[o]['seconds'] / bases[b]['seconds']:.2f}x, "
+            f"tokens {ours[o]['tokens'] / bases[b]['tokens']:.2f}x"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
