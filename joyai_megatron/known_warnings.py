@@ -26,7 +26,11 @@ _WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
         r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
         "Megatron-Core's collectives (context parallelism, ZeRO-1)",
     ),
-    (UserWarning, r"no parallel_state is set for <class 'modelopt\.", "ModelOpt's QAT modules at TP=1"),
+    (
+        UserWarning,
+        r"Distributed training is initialized but no parallel_state is set for <class 'modelopt\.",
+        "ModelOpt's QAT modules at TP=1",
+    ),
     (UserWarning, r"The given buffer is not writable", "ModelOpt's restore of its saved state"),
     (
         UserWarning,

@@ -14,6 +14,13 @@ def main(argv):
     warnings.warn("Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning)
     logging.getLogger("megatron.core.models.gpt.gpt_model").warning("GPTModel IS DEPRECATED. ...")
     logging.getLogger("torch.utils.cpp_extension").warning("No CUDA runtime is found, using CUDA_HOME=x")
+    warnings.warn("Distributed training is initialized but no parallel_state is set for <class "
+                  "'modelopt.torch.opt.dynamic.QuantMLP'>. Using default parallel_state", UserWarning)
+    warnings.warn("`torch.jit.script` is deprecated. Please switch to `torch.compile`", FutureWarning)
+    warnings.warn("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use", FutureWarning)
+    warnings.warn("transformers 5.23.0 is not tested with current version of modelopt and may", UserWarning)
+    warnings.warn("The given buffer is not writable, and PyTorch does not support", UserWarning)
+    logging.getLogger("lm_eval.api.task").warning("joyai_demo_math: Custom kwargs can be passed to `--metadata`")
     warnings.warn("a warning nobody has seen before", UserWarning)
     logging.getLogger("megatron.core.models.gpt.gpt_model").warning("another gpt_model warning")
     return 0
@@ -21,7 +28,18 @@ def main(argv):
 logging.basicConfig()
 sys.exit(run_cli(main, sys.argv[1:]))
 """
-KNOWN = ("Apex is not installed", "DTensor", "GPTModel IS DEPRECATED", "No CUDA runtime")
+KNOWN = (
+    "Apex is not installed",
+    "DTensor",
+    "GPTModel IS DEPRECATED",
+    "No CUDA runtime",
+    "no parallel_state",
+    "torch.jit.script",
+    "reduce_scatter_tensor",
+    "not tested with current version of modelopt",
+    "not writable",
+    "Custom kwargs",
+)
 
 
 def _stderr(*args: str) -> str:
