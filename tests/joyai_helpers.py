@@ -7,6 +7,7 @@ the repository root on ``sys.path``)."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -24,6 +26,14 @@ SFT_RECIPE = REPO / "recipes" / "sft" / "tiny_cpu.yaml"
 DPO_RECIPE = REPO / "recipes" / "dpo" / "tiny_cpu.yaml"
 QAT_TINY = REPO / "recipes" / "qat" / "tiny_cpu.yaml"
 RL_TINY = REPO / "recipes" / "rl" / "tiny_cpu.yaml"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (``benchmarks/`` is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

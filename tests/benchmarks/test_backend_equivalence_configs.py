@@ -6,7 +6,6 @@ recipe's moe_act/layernorm recompute): this runs the same check on CPU, before a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,13 +14,9 @@ import pytest
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.model.config import check_gpu_config
 from joyai_megatron.model.presets import recipe_arch
-from tests.joyai_helpers import REPO
+from tests.joyai_helpers import load_benchmark
 
-_spec = importlib.util.spec_from_file_location(
-    "backend_equivalence", REPO / "benchmarks" / "backend_equivalence.py"
-)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_benchmark("backend_equivalence")
 
 
 @pytest.mark.parametrize("part", sorted(bench.PARTS))

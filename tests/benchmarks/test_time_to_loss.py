@@ -4,7 +4,6 @@ validated on the same held-out rows outside the clock)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,13 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.joyai_helpers import REPO
+from tests.joyai_helpers import REPO, load_benchmark
 
-_spec = importlib.util.spec_from_file_location(
-    "train_throughput", REPO / "benchmarks" / "train_throughput.py"
-)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_benchmark("train_throughput")
 
 
 def _curve(losses: list[float], seconds_per_point: float) -> list[dict]:

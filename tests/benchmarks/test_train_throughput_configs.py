@@ -6,7 +6,6 @@ default allgather dispatcher): this runs the same check on CPU, before a GPU is 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,9 @@ import pytest
 from joyai_megatron.config.recipe import load_recipe
 from joyai_megatron.model.config import check_gpu_config
 from joyai_megatron.model.presets import recipe_arch
-from tests.joyai_helpers import REPO
+from tests.joyai_helpers import load_benchmark
 
-_spec = importlib.util.spec_from_file_location(
-    "train_throughput", REPO / "benchmarks" / "train_throughput.py"
-)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_benchmark("train_throughput")
 
 OURS = sorted(name for name, (runner, _) in bench.PARTS.items() if runner == "ours")
 
