@@ -241,7 +241,8 @@ def phase(fn: Any, name: str) -> Any:
 
 def profile_steps(args: argparse.Namespace, step: Any, top: int = 8) -> dict[str, Any]:
     """Operators by self device time (kernels attributed to the op that launched them), the
-    busiest kernels, the labelled phases, and the device-busy share of wall time."""
+    busiest kernels, operators by self host time (where a host-bound step's wall time goes), and
+    the device-busy share of wall time."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -262,7 +263,7 @@ def profile_steps(args: argparse.Namespace, step: Any, top: int = 8) -> dict[str
     kernels = [e for e in events if e.device_type != DeviceType.CPU and e.key not in ranges]
     busy = sum(getattr(e, self_attr) for e in (kernels if on_gpu else ops)) / 1e3 / args.profile_steps
 
-    def rows(items: list, attr: str, key: str) -> list[dict[str, Any]]:
+    def rows(items: list, attr: str, key: str, total_ms: float) -> list[dict[str, Any]]:
         items = sorted(
             (e for e in items if getattr(e, attr) > 0), key=lambda e: getattr(e, attr), reverse=True
         )
@@ -270,15 +271,16 @@ def profile_steps(args: argparse.Namespace, step: Any, top: int = 8) -> dict[str
             {
                 key: e.key,
                 "ms_per_step": getattr(e, attr) / 1e3 / args.profile_steps,
-                "share": getattr(e, attr) / 1e3 / args.profile_steps / busy,
+                "share": getattr(e, attr) / 1e3 / args.profile_steps / total_ms,
                 "calls_per_step": e.count / args.profile_steps,
             }
             for e in items[:top]
         ]
 
     return {
-        "top": rows(ops, self_attr, "op"),
-        "kernels": rows(kernels, self_attr, "kernel"),
+        "top": rows(ops, self_attr, "op", busy),
+        "kernels": rows(kernels, self_attr, "kernel", busy),
+        "host": rows(ops, "self_cpu_time_total", "op", wall_ms),  # share of the step's wall time
         "busy_ms_per_step": busy,
         "wall_ms_per_step": wall_ms,
     }
@@ -586,9 +588,13 @@ def report(args: argparse.Namespace, env: dict[str, Any], peak: float, results: 
             f"profile of {r['part']} per step: wall {prof['wall_ms_per_step']:.1f} ms (profiler on), "
             f"kernels {prof['busy_ms_per_step']:.1f} ms"
         )
-        for title, key in (("ops by self device time", "op"), ("kernels", "kernel")):
+        for title, table, key in (
+            ("ops by self device time", "top", "op"),
+            ("kernels", "kernels", "kernel"),
+            ("ops by self host time (share of wall time)", "host", "op"),
+        ):
             lines.append(f"  top {title}:")
-            for i, row in enumerate(prof["top" if key == "op" else "kernels"][:5], 1):
+            for i, row in enumerate(prof.get(table, [])[:5], 1):
                 lines.append(
                     f"   {i}. {row[key][:78]:<78} {row['ms_per_step']:>8.1f} ms {row['share']:>6.1%} "
                     f"{row['calls_per_step']:>6.0f} calls"

@@ -39,6 +39,7 @@ def test_dry_run_prints_every_figure(tmp_path: Path) -> None:
         "profile of ours per step",
         "profile of baseline per step",
         "top ops by self device time",
+        "top ops by self host time",
     ):
         assert figure in out, f"{figure!r} missing from:\n{out[-3000:]}"
 
@@ -55,5 +56,7 @@ def test_dry_run_prints_every_figure(tmp_path: Path) -> None:
         assert len(r["losses"]) == saved["args"]["warmup"] + steps
         assert all(3.0 < loss < 12.0 for loss in r["losses"])  # ln(8192) = 9.01 at initialisation
         assert r["peak_mem_gib"] > 0 and len(r["profile"]["top"]) >= 3
+        host = r["profile"]["host"]
+        assert len(host) >= 3 and 0 < sum(row["share"] for row in host) <= 1.0 + 1e-6, host
     # MTP adds a layer and a second output head: more FLOPs per token than the baseline counts
     assert parts["ours"]["flops_per_token"] > parts["baseline"]["flops_per_token"]
