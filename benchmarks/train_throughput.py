@@ -372,9 +372,9 @@ def ours_loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     """Mean next-token cross-entropy of our model (the GPTModel inside DDP and Float16Module) on
     ``batches``, computed as transformers computes the baseline's (logits shifted by one)."""
     from joyai_megatron.convert.megatron_model import megatron_logits
+    from joyai_megatron.training.checkpoint import unwrap
 
-    while hasattr(model, "module"):
-        model = model.module
+    model = unwrap(model)
     losses = []
     with torch.no_grad():
         for tokens in batches:
@@ -425,7 +425,8 @@ def token_batches(
 
     stage = PretrainStage(load_recipe(bench_recipe(args, out_dir, 1)))
     rows_wanted = count * args.micro_batch
-    data = stage.build_datasets(rows_wanted, rows_wanted)[split]
+    samples = {"train": 1, "valid": 1, split: rows_wanted}  # index only the split that is read
+    data = stage.build_datasets(samples["train"], samples["valid"])[split]
     rows = [torch.as_tensor(data[i]["tokens"]) for i in range(rows_wanted)]
     return [torch.stack(rows[i : i + args.micro_batch]) for i in range(0, len(rows), args.micro_batch)]
 
