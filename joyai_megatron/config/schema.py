@@ -92,6 +92,12 @@ class OptimCfg:
     muon_scale_mode: str = "spectral"
     muon_extra_scale_factor: float = 0.2
     muon_split_qkv: bool = True
+    # Moonlight's Newton-Schulz: (3.4445, -4.7750, 2.0315) five times ("simple" in
+    # emerging-optimizers); Megatron-Core's default "quintic" is a different, per-step sequence.
+    muon_coefficient_type: str = "simple"
+    # Orthogonalise a gated MLP's fused fc1 as its two matrices, gate and up, as Moonlight's Muon
+    # does on the HF parameters (Megatron-Core orthogonalises the fused [gate; up] as one).
+    muon_split_fc1: bool = True
     # "duplicated" (Megatron-Core's default): all-gather a TP-sharded matrix and orthogonalise it
     # whole, so the update equals the unsharded one; "blockwise" orthogonalises each shard alone
     # (no all-gather, but a different optimizer per TP size); "distributed": sharded Newton-Schulz.

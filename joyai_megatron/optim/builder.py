@@ -9,19 +9,31 @@ tensor (norms, router bias) go to the scalar optimizer (AdamW).  With
 
 from __future__ import annotations
 
+import re
+import typing
+
 import torch
+from emerging_optimizers.orthogonalized_optimizers.muon_utils import NSCoeffT
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer import MegatronOptimizer
 
 from joyai_megatron.config.schema import OptimCfg, ParallelCfg, PrecisionCfg
+from joyai_megatron.optim.muon import GATED_FC1
 
 OPTIMIZERS = ("muon", "adam")
 # optim.* keys passed to Megatron-Core's OptimizerConfig under the same name.
 SAME_NAME = (
     *("lr", "min_lr", "weight_decay", "clip_grad", "adam_beta1", "adam_beta2", "adam_eps"),
     *("muon_momentum", "muon_nesterov", "muon_num_ns_steps", "muon_scale_mode"),
-    *("muon_extra_scale_factor", "muon_split_qkv", "muon_tp_mode"),
+    *("muon_extra_scale_factor", "muon_split_qkv", "muon_tp_mode", "muon_coefficient_type"),
 )
+# A gated MLP's fused fc1: MLP/TE linears (``linear_fc1.weight``), TE grouped experts (``weightE``).
+GATED_FC1_NAME = re.compile(r"(^|\.)linear_fc1\.weight\d*$")
+# Parameter attributes BatchedMuon reads that Megatron-Core's fp32 main-param copies do not carry
+# (they copy the TP attributes, ``allreduce`` and ``shared`` only).
+MUON_ATTRIBUTES = (GATED_FC1, "expert_tp")
+# Named Newton-Schulz coefficient sets ("custom" needs sets no recipe key can give).
+COEFFICIENT_TYPES = tuple(name for name in typing.get_args(NSCoeffT) if name != "custom")
 
 
 def uses_distributed_optimizer(parallel: ParallelCfg, world_size: int) -> bool:
@@ -37,6 +49,11 @@ def optimizer_config(optim: OptimCfg, parallel: ParallelCfg, precision: Precisio
     if optim.optimizer not in OPTIMIZERS:
         raise ValueError(f"optim.optimizer must be one of {OPTIMIZERS}, got {optim.optimizer!r}")
     muon = optim.optimizer == "muon"
+    if optim.muon_coefficient_type not in COEFFICIENT_TYPES:
+        raise ValueError(
+            f"optim.muon_coefficient_type must be one of {COEFFICIENT_TYPES}, "
+            f"got {optim.muon_coefficient_type!r}"
+        )
     distributed = uses_distributed_optimizer(parallel, torch.distributed.get_world_size())
     return OptimizerConfig(
         optimizer=optim.optimizer,
@@ -57,7 +74,30 @@ def build_optimizer(
 ) -> MegatronOptimizer:
     """Megatron-Core's optimizer for the recipe; BatchedMuon, the multi-tensor and ZeRO-1 patches
     it relies on are installed with the process groups (``joyai_megatron.compat``)."""
-    return get_megatron_optimizer(optimizer_config(optim, parallel, precision), model_chunks)
+    config = optimizer_config(optim, parallel, precision)
+    tag_gated_fc1(model_chunks, optim.optimizer == "muon" and optim.muon_split_fc1)
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            main = getattr(param, "main_param", None)
+            for attribute in MUON_ATTRIBUTES if main is not None else ():
+                if hasattr(param, attribute):
+                    setattr(main, attribute, getattr(param, attribute))
+    return optimizer
+
+
+def tag_gated_fc1(model_chunks: list, split: bool) -> list[str]:
+    """Mark (or, with ``split`` off, unmark) every gated MLP's fused fc1 weight for BatchedMuon's
+    gate/up split; returns the names marked."""
+    gated = model_chunks[0].config.gated_linear_unit
+    marked = []
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            on = split and gated and param.ndim == 2 and GATED_FC1_NAME.search(name) is not None
+            setattr(param, GATED_FC1, on)
+            if on:
+                marked.append(name)
+    return marked
 
 
 def _leaf_optimizers(optimizer: MegatronOptimizer) -> list:
