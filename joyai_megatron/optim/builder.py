@@ -77,27 +77,30 @@ def build_optimizer(
     config = optimizer_config(optim, parallel, precision)
     tag_gated_fc1(model_chunks, optim.optimizer == "muon" and optim.muon_split_fc1)
     optimizer = get_megatron_optimizer(config, model_chunks)
-    for chunk in model_chunks:
-        for param in chunk.parameters():
-            main = getattr(param, "main_param", None)
-            for attribute in MUON_ATTRIBUTES if main is not None else ():
-                if hasattr(param, attribute):
-                    setattr(main, attribute, getattr(param, attribute))
+    _carry_muon_attributes(model_chunks)
     return optimizer
 
 
-def tag_gated_fc1(model_chunks: list, split: bool) -> list[str]:
+def tag_gated_fc1(model_chunks: list, split: bool) -> None:
     """Mark (or, with ``split`` off, unmark) every gated MLP's fused fc1 weight for BatchedMuon's
-    gate/up split; returns the names marked."""
+    gate/up split."""
     gated = model_chunks[0].config.gated_linear_unit
-    marked = []
     for chunk in model_chunks:
         for name, param in chunk.named_parameters():
             on = split and gated and param.ndim == 2 and GATED_FC1_NAME.search(name) is not None
             setattr(param, GATED_FC1, on)
-            if on:
-                marked.append(name)
-    return marked
+
+
+def _carry_muon_attributes(model_chunks: list) -> None:
+    """Copy the Muon attributes to the fp32 main params a bf16 optimizer updates instead."""
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            main = getattr(param, "main_param", None)
+            if main is None:
+                continue
+            for attribute in MUON_ATTRIBUTES:
+                if hasattr(param, attribute):
+                    setattr(main, attribute, getattr(param, attribute))
 
 
 def _leaf_optimizers(optimizer: MegatronOptimizer) -> list:

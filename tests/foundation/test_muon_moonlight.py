@@ -136,3 +136,13 @@ def test_unknown_coefficient_type_is_refused_naming_the_key() -> None:
         ValueError, match=r"optim\.muon_coefficient_type must be one of .*'simple'.*got 'moonlight'"
     ):
         optimizer_config(OptimCfg(muon_coefficient_type="moonlight"), ParallelCfg(), PrecisionCfg())
+
+
+def test_split_fc1_is_refused_with_gtp_weight_rematerialisation() -> None:
+    """GTP shards the TP-local [gate; up] by rows, so halves of a shard are not gate and up."""
+    weight = torch.nn.Parameter(torch.randn(8, 4))
+    setattr(weight, GATED_FC1, True)
+    weight.is_gtp_weight_remat = True
+    muon = BatchedMuon([weight], lr=0.1)
+    with pytest.raises(ValueError, match=r"optim\.muon_split_fc1 with GTP weight re-materialisation"):
+        muon.orthogonalize(weight, torch.randn(8, 4))
