@@ -109,6 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp8-recipe", default=None, help="ours with te: E4M3 FP8 with this scaling recipe")
     p.add_argument("--fp8-param-gather", action="store_true", help="ours with FP8: FP8 weights too")
     p.add_argument("--data", help="demo data dir (tokenizer/, blend.yaml) instead of mock tokens")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="ours: a recipe override (repeatable), e.g. model.bias_activation_fusion=true",
+    )
     p.add_argument("--lr", type=float, default=4.2e-4)
     p.add_argument(
         "--parts", default="ours,baseline", help=f"comma list of {sorted(PARTS)}, each may end in @LR"
@@ -347,7 +354,7 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     from joyai_megatron.training.trainer import Trainer, recipe_arch
 
     iters = args.warmup + args.steps + 1 + (args.profile_steps if args.profile else 0)
-    recipe = load_recipe(bench_recipe(args, out_dir, iters))
+    recipe = load_recipe(bench_recipe(args, out_dir, iters), args.set)
     reset_memory(args.device)
     trainer = Trainer(recipe, PretrainStage)
     trainer.run_microbatches = phase(trainer.run_microbatches, "forward-backward")
@@ -363,7 +370,7 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     fp8 = f", FP8 {args.fp8_recipe}" if args.fp8_recipe else ""
     result["what"] = (
         f"Trainer+PretrainStage, {args.backend}{fp8}, Muon lr {args.lr:g}, {'MTP' if args.mtp else 'no MTP'}, "
-        f"{args.experts} experts"
+        f"{args.experts} experts" + "".join(f", {override}" for override in args.set)
     )
     return result
 
@@ -423,7 +430,7 @@ def token_batches(
     from joyai_megatron.config.recipe import load_recipe
     from joyai_megatron.stages.pretrain import PretrainStage
 
-    stage = PretrainStage(load_recipe(bench_recipe(args, out_dir, 1)))
+    stage = PretrainStage(load_recipe(bench_recipe(args, out_dir, 1), args.set))
     rows_wanted = count * args.micro_batch
     samples = {"train": 1, "valid": 1, split: rows_wanted}  # index only the split that is read
     data = stage.build_datasets(samples["train"], samples["valid"])[split]

@@ -32,6 +32,12 @@ class ModelCfg:
     qk_clip_alpha: float = 0.5
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    # Kernel fusions, GPU only (docs/benchmarks.md measures each): Megatron-Core's fused SwiGLU
+    # (for routed experts with the routing weight folded in), Transformer Engine's fused sigmoid
+    # top-k router (te backend), and the cross-entropy kernel behind the fused loss (native | te).
+    bias_activation_fusion: bool = False
+    moe_router_fusion: bool = False
+    cross_entropy_fusion_impl: str = "native"
 
 
 @dataclass

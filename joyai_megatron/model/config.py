@@ -87,6 +87,9 @@ RECIPE_KEYS = {
     "recompute_num_layers": "model.recompute_num_layers",
     "mtp_num_layers": "model.mtp_enabled",
     "qk_clip": "model.qk_clip",
+    "bias_activation_fusion": "model.bias_activation_fusion",
+    "moe_router_fusion": "model.moe_router_fusion",
+    "cross_entropy_fusion_impl": "model.cross_entropy_fusion_impl",
     "tensor_model_parallel_size": "parallel.tp",
     "pipeline_model_parallel_size": "parallel.pp",
     "virtual_pipeline_model_parallel_size": "parallel.vpp",
@@ -126,6 +129,28 @@ def check_gpu_config(arch: ModelArch, model: ModelCfg, parallel: ParallelCfg, pr
         raise ConfigRejected(reason, recipe_keys_in(reason)) from err
 
 
+CROSS_ENTROPY_IMPLS = ("native", "te")
+
+
+def check_fusions(model: ModelCfg) -> None:
+    """Refuse kernel-fusion keys the recipe's backend has no kernel for, naming the key."""
+    if model.cross_entropy_fusion_impl not in CROSS_ENTROPY_IMPLS:
+        raise ValueError(
+            f"model.cross_entropy_fusion_impl must be one of {CROSS_ENTROPY_IMPLS}, "
+            f"got {model.cross_entropy_fusion_impl!r}"
+        )
+    if model.backend != "te":
+        for key, on in (
+            ("moe_router_fusion", model.moe_router_fusion),
+            ("cross_entropy_fusion_impl", model.cross_entropy_fusion_impl == "te"),
+        ):
+            if on:
+                raise ValueError(
+                    f"model.{key} is a Transformer Engine kernel: it needs model.backend=te "
+                    f"(this recipe has {model.backend!r})"
+                )
+
+
 # Recipe keys that are Megatron-Core TransformerConfig fields of the same name.
 _ARCH_SAME_NAME = (
     *("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "init_method_std"),
@@ -156,6 +181,7 @@ def build_transformer_config(
     check_fp8_shapes(arch, precision, model.preset)
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     te = model.backend == "te"
+    check_fusions(model)
     dtype = _DTYPES[precision.dtype]
     recompute = None if model.recompute == "none" else model.recompute
     return MLATransformerConfig(
@@ -212,6 +238,7 @@ def build_transformer_config(
         moe_grouped_gemm=model.moe_grouped_gemm,
         moe_router_padding_for_quantization=model.moe_router_padding_for_fp8,
         moe_permute_fusion=te and on_gpu,
+        moe_router_fusion=model.moe_router_fusion and on_gpu,
         # Dense MTP.
         mtp_num_layers=arch.mtp_num_layers if model.mtp_enabled and arch.mtp_num_layers else None,
         mtp_loss_scaling_factor=model.mtp_loss_weight,
@@ -225,12 +252,14 @@ def build_transformer_config(
         fp8_param=precision.fp8_param_gather,
         # Kernels: fusions need CUDA (and TE for some); the local backend runs plain PyTorch.
         attention_backend=AttnBackend.auto if te else AttnBackend.local,
-        bias_activation_fusion=False,
+        # Fused SwiGLU (torch.compile'd; on CPU too, where it is tested against the unfused form).
+        bias_activation_fusion=model.bias_activation_fusion,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         # Weight gradients accumulate straight into DDP's fp32 main_grad (Apex, or compat/grad_accum.py).
         gradient_accumulation_fusion=on_gpu and wgrad_accumulation_available(),
         cross_entropy_loss_fusion=on_gpu,
+        cross_entropy_fusion_impl=model.cross_entropy_fusion_impl if on_gpu else "native",
         # Upstream's default "full" warns that it is deprecated; [] means the same (the whole layer).
         cuda_graph_modules=[],
         bias_dropout_fusion=False,

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -87,8 +88,8 @@ class GroupedMMExperts(SequentialMLP):
             and not c.add_bias_linear
             and not (c.fp8 or c.fp4)
             and not c.use_te_activation_func
-            and not c.bias_activation_fusion
             and not c.moe_apply_probs_on_input
+            and not (c.bias_activation_fusion and not self._fused_swiglu())
         )
 
     def forward(
@@ -107,11 +108,24 @@ class GroupedMMExperts(SequentialMLP):
         w1 = [e.linear_fc1.weight for e in self.local_experts]  # E x [2F or F, H]
         w2 = [e.linear_fc2.weight for e in self.local_experts]  # E x [H, F]
         h = _GroupedLinear.apply(x.to(w1[0].dtype), offs, *w1)
-        h = self._activation(h)
-        # As MLP.forward does for experts: scale by the routing probability in its (fp32) dtype.
-        h = (h * permuted_probs.unsqueeze(-1)).to(w2[0].dtype)
+        if self.config.bias_activation_fusion:
+            # Megatron-Core's fused SwiGLU with the routing weight, as TEGroupedMLP calls it.
+            h = weighted_bias_swiglu_impl(h, None, permuted_probs.unsqueeze(-1)).to(w2[0].dtype)
+        else:
+            # As MLP.forward does for experts: scale by the routing probability in its (fp32) dtype.
+            h = (self._activation(h) * permuted_probs.unsqueeze(-1)).to(w2[0].dtype)
         out = _GroupedLinear.apply(h, offs, *w2)
         return _ContiguousGrad.apply(out.to(x.dtype)), None
+
+    def _fused_swiglu(self) -> bool:
+        """Whether Megatron-Core's fused kernel computes this activation (plain SwiGLU)."""
+        c = self.config
+        return (
+            c.gated_linear_unit
+            and c.activation_func is F.silu
+            and c.activation_func_clamp_value is None
+            and c.glu_linear_offset == 0.0
+        )
 
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
         """MLP.forward's unfused activation (GLU with its optional clamp and linear offset)."""

@@ -43,11 +43,20 @@ def one_rank():
     os.environ.update(saved)
 
 
-def build_tiny(grouped: bool) -> torch.nn.Module:
+def build_tiny(grouped: bool, **model: object) -> torch.nn.Module:
     from joyai_megatron.model.build import build_joyai_model
 
-    config = tiny_config(moe_grouped_gemm=grouped, mtp_enabled=True)
+    config = tiny_config(moe_grouped_gemm=grouped, mtp_enabled=True, **model)
     return build_joyai_model(config, get_preset("tiny"), "local", max_sequence_length=64)
+
+
+def two_document_batch():
+    from joyai_megatron.training.packing import pack_batch
+
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(2, 8192, (2, 32), generator=gen)
+    positions = torch.cat([torch.arange(20), torch.arange(12)]).repeat(2, 1)  # two documents per row
+    return pack_batch(tokens, tokens.roll(-1, dims=1), torch.ones(2, 32), positions)
 
 
 def test_grouped_experts_match_a_per_expert_loop(one_rank) -> None:
@@ -83,7 +92,6 @@ def test_grouped_model_equals_sequential_model(one_rank) -> None:
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     from joyai_megatron.model.experts import GroupedMMExperts
-    from joyai_megatron.training.packing import pack_batch
 
     sequential, grouped = build_tiny(grouped=False), build_tiny(grouped=True)
     assert not any(isinstance(m, GroupedMMExperts) for m in sequential.modules())
@@ -91,10 +99,7 @@ def test_grouped_model_equals_sequential_model(one_rank) -> None:
     assert sequential.state_dict().keys() == grouped.state_dict().keys()  # same checkpoint layout
     grouped.load_state_dict(sequential.state_dict())
 
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(2, 8192, (2, 32), generator=gen)
-    positions = torch.cat([torch.arange(20), torch.arange(12)]).repeat(2, 1)  # two documents per row
-    packed = pack_batch(tokens, tokens.roll(-1, dims=1), torch.ones(2, 32), positions)
+    packed = two_document_batch()
     losses = []
     for model in (sequential, grouped):
         losses.append(_forward_backward(model, packed))
@@ -242,6 +247,38 @@ def test_foreach_multi_tensor_ops_match_their_definitions() -> None:
         torch.testing.assert_close(lo, t.bfloat16())
     apply_multi_tensor_fallbacks()  # this environment has neither TE nor Apex
     assert clip_grads.l2_norm_impl is foreach_l2_norm and clip_grads.multi_tensor_scale_impl is foreach_scale
+
+
+def test_fused_swiglu_model_equals_unfused(one_rank, monkeypatch) -> None:
+    """``model.bias_activation_fusion``: Megatron-Core's fused SwiGLU in the dense MLP, the shared
+    expert and MTP, and with the routing weight in the grouped experts, computes what the unfused
+    activations compute (loss and every gradient), and the experts really take the fused call."""
+    from megatron.core.fusions import fused_bias_swiglu
+
+    from joyai_megatron.model import experts as experts_module
+
+    calls = {"weighted": 0, "plain": 0}
+    weighted, plain = experts_module.weighted_bias_swiglu_impl, fused_bias_swiglu.bias_swiglu_impl
+
+    def count(kind, fn):
+        def wrapped(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(experts_module, "weighted_bias_swiglu_impl", count("weighted", weighted))
+    monkeypatch.setattr("megatron.core.transformer.mlp.bias_swiglu_impl", count("plain", plain))
+    unfused, fused = build_tiny(grouped=True), build_tiny(grouped=True, bias_activation_fusion=True)
+    fused.load_state_dict(unfused.state_dict())
+    packed = two_document_batch()
+    losses = [_forward_backward(model, packed) for model in (unfused, fused)]
+    # Two MoE layers; the dense layer 0, two shared experts and the MTP layer's shared expert.
+    assert calls == {"weighted": 2, "plain": 4}, calls
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-5)
+    grads = dict(fused.named_parameters())
+    for name, p in unfused.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def _forward_backward(model: torch.nn.Module, packed) -> torch.Tensor:
