@@ -32,12 +32,15 @@ class ModelCfg:
     qk_clip_alpha: float = 0.5
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
-    # Kernel fusions, GPU only (docs/benchmarks.md measures each): Megatron-Core's fused SwiGLU
-    # (for routed experts with the routing weight folded in), Transformer Engine's fused sigmoid
-    # top-k router (te backend), and the cross-entropy kernel behind the fused loss (native | te).
+    # Kernel fusions (docs/benchmarks.md measures each): Megatron-Core's fused SwiGLU (for routed
+    # experts with the routing weight folded in), Transformer Engine's fused sigmoid top-k router
+    # (te backend), and the cross-entropy kernel behind the fused loss (native | te).
     bias_activation_fusion: bool = False
     moe_router_fusion: bool = False
     cross_entropy_fusion_impl: str = "native"
+    # The shared expert on its own CUDA stream beside the token dispatch (alltoall dispatcher; the
+    # same maths, so CPU runs, which have no streams, compute it in line).
+    moe_shared_expert_overlap: bool = False
 
 
 @dataclass

@@ -89,6 +89,7 @@ RECIPE_KEYS = {
     "qk_clip": "model.qk_clip",
     "bias_activation_fusion": "model.bias_activation_fusion",
     "moe_router_fusion": "model.moe_router_fusion",
+    "moe_shared_expert_overlap": "model.moe_shared_expert_overlap",
     "cross_entropy_fusion_impl": "model.cross_entropy_fusion_impl",
     "tensor_model_parallel_size": "parallel.tp",
     "pipeline_model_parallel_size": "parallel.pp",
@@ -239,6 +240,7 @@ def build_transformer_config(
         moe_router_padding_for_quantization=model.moe_router_padding_for_fp8,
         moe_permute_fusion=te and on_gpu,
         moe_router_fusion=model.moe_router_fusion and on_gpu,
+        moe_shared_expert_overlap=model.moe_shared_expert_overlap and on_gpu,
         # Dense MTP.
         mtp_num_layers=arch.mtp_num_layers if model.mtp_enabled and arch.mtp_num_layers else None,
         mtp_loss_scaling_factor=model.mtp_loss_weight,

@@ -12,7 +12,7 @@ import pytest
 
 from joyai_megatron.compat.target import assume_transformer_engine
 from joyai_megatron.config.recipe import load_recipe
-from joyai_megatron.model.config import build_transformer_config, check_gpu_config
+from joyai_megatron.model.config import ConfigRejected, build_transformer_config, check_gpu_config
 from joyai_megatron.model.presets import recipe_arch
 from tests.joyai_helpers import load_benchmark
 
@@ -35,6 +35,7 @@ FUSIONS = [
     "model.bias_activation_fusion=true",
     "model.moe_router_fusion=true",
     "model.cross_entropy_fusion_impl=te",
+    "model.moe_shared_expert_overlap=true",
 ]
 
 
@@ -54,13 +55,24 @@ def test_fusion_overrides_build_their_gpu_config(part: str, tmp_path: Path) -> N
             arch, recipe.model, recipe.parallel, recipe.precision, use_cpu_initialization=True, on_gpu=True
         )
     assert (config.bias_activation_fusion, config.moe_router_fusion) == (True, True)
+    assert config.moe_shared_expert_overlap
     assert config.cross_entropy_fusion_impl == "te" and config.cross_entropy_loss_fusion
 
 
-@pytest.mark.parametrize("override", FUSIONS[1:])
+@pytest.mark.parametrize("override", FUSIONS[1:3])
 def test_transformer_engine_fusions_are_refused_on_the_local_backend(override: str, tmp_path: Path) -> None:
     args = bench.parse_args(["--out-dir", str(tmp_path), f"--set={override}"])
     recipe = load_recipe(bench.bench_recipe(args, tmp_path, train_iters=4), args.set)
     key = override.split("=")[0]
     with pytest.raises(ValueError, match=f"{key} is a Transformer Engine kernel: it needs model.backend=te"):
         check_gpu_config(recipe_arch(recipe), recipe.model, recipe.parallel, recipe.precision)
+
+
+def test_shared_expert_overlap_with_allgather_names_the_key(tmp_path: Path) -> None:
+    """Megatron-Core overlaps the shared expert with the alltoall/flex dispatchers only (the local
+    parts use allgather): refused before a GPU is spent, naming the recipe key."""
+    args = bench.parse_args(["--out-dir", str(tmp_path), "--set=model.moe_shared_expert_overlap=true"])
+    recipe = load_recipe(bench.bench_recipe(args, tmp_path, train_iters=4), args.set)
+    with pytest.raises(ConfigRejected) as err:
+        check_gpu_config(recipe_arch(recipe), recipe.model, recipe.parallel, recipe.precision)
+    assert err.value.keys == ["model.moe_shared_expert_overlap"] and "alltoall" in err.value.reason
