@@ -37,6 +37,13 @@ def check_rl_recipe(recipe: Recipe) -> None:
             "top_k]), SGLang with enable_return_routed_experts and generate(return_routed_experts=True) "
             "(meta_info['routed_experts']), laid out as Sample.routed_experts. Use rl.routing_replay=r2"
         )
+    if replay != "none" and recipe.model.moe_router_fusion:
+        raise ValueError(
+            f"rl.routing_replay={replay} with model.moe_router_fusion=true: Transformer Engine's fused "
+            "router never consults Megatron-Core's RouterReplay (moe_utils.topk_routing_with_score_function "
+            "returns before it), so the replayed experts would be silently ignored; set "
+            "model.moe_router_fusion=false"
+        )
     if rl.kl_coef > 0 and not recipe.checkpoint.load:
         raise ValueError("rl.kl_coef > 0 needs checkpoint.load: the reference policy is that checkpoint")
     for key, value in (("data.rl_path", recipe.data.rl_path), ("data.tokenizer", recipe.data.tokenizer)):

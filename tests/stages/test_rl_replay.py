@@ -307,3 +307,15 @@ def test_r3_needs_an_engine_that_records_routing(rl_data, tmp_path):
     with pytest.raises(ValueError, match=r"rl.routing_replay must be one of none\|r2\|r3"):
         check_rl_recipe(load_recipe(str(path), ["rl.routing_replay=r4"]))
     check_rl_recipe(load_recipe(str(path), ["rl.routing_replay=r3"]))  # local: fine
+
+
+def test_replay_refuses_the_fused_router(rl_data, tmp_path):
+    """TE's fused top-k router bypasses RouterReplay: replay with it would silently not replay."""
+    from joyai_megatron.config.recipe import load_recipe
+    from joyai_megatron.rl.recipe_checks import check_rl_recipe
+
+    path = write_rl_recipe(tmp_path, rl_data)
+    for mode in ("r2", "r3"):
+        with pytest.raises(ValueError, match=f"rl.routing_replay={mode} with model.moe_router_fusion=true"):
+            check_rl_recipe(load_recipe(str(path), [f"rl.routing_replay={mode}", "model.moe_router_fusion=true"]))
+    check_rl_recipe(load_recipe(str(path), ["rl.routing_replay=none", "model.moe_router_fusion=true"]))

@@ -1,0 +1,104 @@
+"""The kernel-fusion recipe keys change no result on the ``te`` backend (skipped without CUDA/TE).
+
+``model.bias_activation_fusion`` (fused SwiGLU, with the routing weight in the experts),
+``model.moe_router_fusion`` (TE's fused sigmoid top-k router), ``model.cross_entropy_fusion_impl=te``
+and ``model.moe_shared_expert_overlap``: one te model with all four and one without, the same
+weights, in bf16 at the proxy's widths (2 layers: dense + MoE), the recipes' ``alltoall`` dispatcher;
+per-token losses through the model's own (fused) loss and every gradient compared. The CPU half
+(fused SwiGLU on the local backend) is tests/benchmarks/test_fast_paths.py.
+
+The routers' expert choices are compared too: both routers compute sigmoid scores plus the expert
+bias in fp32 and take the top 8, so they should agree except on exact ties.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.joyai_helpers import relative_error
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("transformer_engine") is None, reason="needs Transformer Engine"
+    ),
+]
+
+FUSIONS = {
+    "bias_activation_fusion": True,
+    "moe_router_fusion": True,
+    "cross_entropy_fusion_impl": "te",
+    "moe_shared_expert_overlap": True,
+}
+
+
+def _run(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
+    """Per-token LM losses from the model's own loss, each router's [tokens, experts] choice map,
+    and every gradient (main_grad where the fused wgrad kernels put it, as under DDP)."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    maps: list[torch.Tensor] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _args, out: maps.append(out[1].detach().clone()))
+        for m in model.modules()
+        if isinstance(m, TopKRouter)
+    ]
+    for p in model.parameters():
+        p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+        p.grad_added_to_main_grad = False
+        p.grad = None
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+    losses = model(ids, positions, None, labels=ids.roll(-1, dims=1))
+    losses.float().mean().backward()
+    for h in hooks:
+        h.remove()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.main_grad if p.grad_added_to_main_grad else p.grad
+        if g is not None:
+            grads[name] = g.detach().float()
+    return losses.detach().float(), maps, grads
+
+
+def test_fusions_change_no_loss_and_no_gradient(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from megatron.core import dist_checkpointing
+
+    from joyai_megatron.config.schema import ModelCfg
+    from joyai_megatron.model.presets import get_preset
+    from joyai_megatron.training.checkpoint import load_model_weights, model_sharded_state_dict
+    from joyai_megatron.training.checkpoint_model import build_megatron_model, init_single_process
+
+    init_single_process()
+    arch = get_preset("joyai_proxy_1gpu").replace(num_layers=2, mtp_num_layers=0)
+    plain_cfg = ModelCfg(moe_grouped_gemm=True, moe_token_dispatcher="alltoall")
+    for var in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        monkeypatch.delenv(var, raising=False)
+    plain = build_megatron_model(arch, backend="te", dtype="bf16", mtp=False, model_cfg=plain_cfg)
+    dist_checkpointing.save(model_sharded_state_dict([plain]), str(tmp_path))
+    fused = build_megatron_model(
+        arch, backend="te", dtype="bf16", mtp=False, seed=7, model_cfg=replace(plain_cfg, **FUSIONS)
+    )
+    load_model_weights(fused, tmp_path)
+    for key, value in FUSIONS.items():
+        assert getattr(fused.config, key) == value, key
+
+    ids = torch.randint(0, arch.vocab_size, (2, 512), generator=torch.Generator().manual_seed(0)).cuda()
+    plain_losses, plain_maps, plain_grads = _run(plain, ids)
+    fused_losses, fused_maps, fused_grads = _run(fused, ids)
+
+    flipped = [float((a != b).any(-1).float().mean()) for a, b in zip(plain_maps, fused_maps, strict=True)]
+    report = {"per-token loss": relative_error(fused_losses, plain_losses)}
+    report.update({f"grad {n}": relative_error(fused_grads[n], g) for n, g in plain_grads.items()})
+    worst = sorted(report.items(), key=lambda kv: -kv[1])[:12]
+    print(f"\ntokens whose experts differ, per MoE layer: {flipped}")
+    print("fused vs plain: " + ", ".join(f"{k} {v:.2e}" for k, v in worst))
+    assert set(fused_grads) == set(plain_grads)
+    assert max(flipped) < 0.005, f"the fused router chose other experts for {flipped} of tokens"
+    bad = {k: v for k, v in report.items() if v > 3e-2}  # bf16, as te vs local
+    assert not bad, f"the fusions change: {bad}"
