@@ -122,6 +122,7 @@ def recipe_keys_in(message: str) -> list[str]:
 def check_gpu_config(arch: ModelArch, model: ModelCfg, parallel: ParallelCfg, precision: PrecisionCfg) -> None:
     """Build, here, the exact ``MLATransformerConfig`` the GPU job will build with Transformer Engine,
     so Megatron-Core's own checks run before any GPU is allocated; raise :class:`ConfigRejected`."""
+    check_fusions(model)  # ours, not Megatron-Core's: raised as it is
     try:
         with assume_transformer_engine():
             build_transformer_config(arch, model, parallel, precision, use_cpu_initialization=True, on_gpu=True)
