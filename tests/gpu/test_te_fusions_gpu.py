@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.gpu.te_helpers import fresh_backend_env, give_main_grads, gradients
 from tests.joyai_helpers import relative_error
 
 pytestmark = [
@@ -49,21 +50,13 @@ def _run(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[
         for m in model.modules()
         if isinstance(m, TopKRouter)
     ]
-    for p in model.parameters():
-        p.main_grad = torch.zeros_like(p, dtype=torch.float32)
-        p.grad_added_to_main_grad = False
-        p.grad = None
+    give_main_grads(model)
     positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
     losses = model(ids, positions, None, labels=ids.roll(-1, dims=1))
     losses.float().mean().backward()
     for h in hooks:
         h.remove()
-    grads = {}
-    for name, p in model.named_parameters():
-        g = p.main_grad if p.grad_added_to_main_grad else p.grad
-        if g is not None:
-            grads[name] = g.detach().float()
-    return losses.detach().float(), maps, grads
+    return losses.detach().float(), maps, gradients(model)
 
 
 def test_fusions_change_no_loss_and_no_gradient(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,8 +70,7 @@ def test_fusions_change_no_loss_and_no_gradient(tmp_path: Path, monkeypatch: pyt
     init_single_process()
     arch = get_preset("joyai_proxy_1gpu").replace(num_layers=2, mtp_num_layers=0)
     plain_cfg = ModelCfg(moe_grouped_gemm=True, moe_token_dispatcher="alltoall")
-    for var in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
-        monkeypatch.delenv(var, raising=False)
+    fresh_backend_env(monkeypatch)
     plain = build_megatron_model(arch, backend="te", dtype="bf16", mtp=False, model_cfg=plain_cfg)
     dist_checkpointing.save(model_sharded_state_dict([plain]), str(tmp_path))
     fused = build_megatron_model(

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.gpu.te_helpers import fresh_backend_env, give_main_grads, gradients
 from tests.joyai_helpers import REPO, relative_error
 
 pytestmark = [
@@ -82,10 +83,7 @@ def _run(model: torch.nn.Module, ids: torch.Tensor, layout: str = "sbhd") -> tup
         )
         for i, layer in enumerate(model.decoder.layers)
     ]
-    for p in model.parameters():  # what DDP gives each parameter: fused wgrad kernels add into it
-        p.main_grad = torch.zeros_like(p, dtype=torch.float32)
-        p.grad_added_to_main_grad = False
-        p.grad = None
+    give_main_grads(model)
     positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
     if layout == "thd":
         from joyai_megatron.training.packing import pack_batch
@@ -101,12 +99,7 @@ def _run(model: torch.nn.Module, ids: torch.Tensor, layout: str = "sbhd") -> tup
     loss.backward()
     for h in hooks:
         h.remove()
-    grads = {}
-    for name, p in model.named_parameters():
-        g = p.main_grad if p.grad_added_to_main_grad else p.grad
-        if g is not None:
-            grads[name] = g.detach().float()
-    return logits.detach().float(), captured, grads
+    return logits.detach().float(), captured, gradients(model)
 
 
 def _arch():
@@ -117,12 +110,6 @@ def _arch():
 
 def _ids(arch) -> torch.Tensor:
     return torch.randint(0, arch.vocab_size, (2, 512), generator=torch.Generator().manual_seed(0)).cuda()
-
-
-def _fresh_backend_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each backend sets the NVTE_*_ATTN variables it wants when built (one per process in training)."""
-    for var in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
-        monkeypatch.delenv(var, raising=False)
 
 
 @pytest.mark.parametrize("layout", ["sbhd", "thd"])
@@ -141,7 +128,7 @@ def test_te_model_matches_local_per_tensor(
     arch = _arch()
     local = build_megatron_model(arch, backend="local", dtype=dtype, mtp=False, routing_replay=True)
     dist_checkpointing.save(model_sharded_state_dict([local]), str(tmp_path))
-    _fresh_backend_env(monkeypatch)
+    fresh_backend_env(monkeypatch)
     te = build_megatron_model(arch, backend="te", dtype=dtype, mtp=False, seed=99, routing_replay=True)
     load_model_weights(te, tmp_path)
     ids = _ids(arch)
@@ -208,7 +195,7 @@ def test_te_recipe_recompute_changes_no_gradient(
     shipped = replace(load_recipe(recipe).model, moe_router_padding_for_fp8=False)
     assert shipped.recompute != "none"
     plain_cfg = replace(shipped, recompute="none")
-    _fresh_backend_env(monkeypatch)
+    fresh_backend_env(monkeypatch)
     plain = build_megatron_model(arch, backend="te", dtype="bf16", mtp=False, model_cfg=plain_cfg)
     dist_checkpointing.save(model_sharded_state_dict([plain]), str(tmp_path))
     recomputed = build_megatron_model(arch, backend="te", dtype="bf16", mtp=False, seed=7, model_cfg=shipped)
