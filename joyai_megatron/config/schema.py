@@ -20,6 +20,10 @@ class ModelCfg:
     mtp_loss_weight: float = 0.1
     moe_token_dispatcher: str = "allgather"  # allgather | alltoall | flex
     moe_grouped_gemm: bool = False
+    # Whose grouped GEMM runs the routed experts: "auto" (te: Transformer Engine's GroupedLinear,
+    # which needs the per-expert token counts on the host; local: PyTorch's grouped_mm) or "torch"
+    # (PyTorch's grouped_mm on either backend: device-side offsets, no host sync per MoE layer).
+    moe_grouped_gemm_impl: str = "auto"
     moe_load_balancing: str = "none"  # none (aux-loss-free bias only) | seq_aux_loss | aux_loss
     moe_aux_loss_coeff: float = 0.0
     moe_bias_update_rate: float = 1e-3

@@ -25,6 +25,7 @@ def build_joyai_model(
     vp_stage: int | None = None,
     pp_rank: int | None = None,
     max_sequence_length: int | None = None,
+    grouped_gemm_impl: str = "auto",
 ) -> GPTModel:
     """One pipeline chunk of the model: Megatron-Core's GPTModel on our layer and MTP specs.
 
@@ -35,7 +36,9 @@ def build_joyai_model(
     """
     model = GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(config, backend, vp_stage=vp_stage, pp_rank=pp_rank),
+        transformer_layer_spec=decoder_block_spec(
+            config, backend, vp_stage=vp_stage, pp_rank=pp_rank, grouped_gemm_impl=grouped_gemm_impl
+        ),
         vocab_size=arch.vocab_size,
         max_sequence_length=max_sequence_length or arch.max_position_embeddings,
         pre_process=pre_process,
@@ -59,6 +62,7 @@ def build_model_chunks(
     vpp: int | None,
     seq_length: int,
     prepare: Callable[[GPTModel], None] | None = None,
+    grouped_gemm_impl: str = "auto",
 ) -> list[torch.nn.Module]:
     """This pipeline rank's chunks (one per virtual stage with ``vpp``), each on the GPU when one is
     visible and in a ``Float16Module`` for BF16/FP16; no DDP.  ``prepare(model)`` runs on each bare
@@ -74,6 +78,7 @@ def build_model_chunks(
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             vp_stage=vp_stage,
             max_sequence_length=seq_length,
+            grouped_gemm_impl=grouped_gemm_impl,
         )
         if prepare is not None:
             prepare(model)

@@ -132,10 +132,18 @@ def check_gpu_config(arch: ModelArch, model: ModelCfg, parallel: ParallelCfg, pr
 
 
 CROSS_ENTROPY_IMPLS = ("native", "te")
+GROUPED_GEMM_IMPLS = ("auto", "torch")
 
 
 def check_fusions(model: ModelCfg) -> None:
     """Refuse kernel-fusion keys the recipe's backend has no kernel for, naming the key."""
+    if model.moe_grouped_gemm_impl not in GROUPED_GEMM_IMPLS:
+        raise ValueError(
+            f"model.moe_grouped_gemm_impl must be one of {GROUPED_GEMM_IMPLS}, "
+            f"got {model.moe_grouped_gemm_impl!r}"
+        )
+    if model.moe_grouped_gemm_impl == "torch" and not model.moe_grouped_gemm:
+        raise ValueError("model.moe_grouped_gemm_impl=torch needs model.moe_grouped_gemm=true")
     if model.cross_entropy_fusion_impl not in CROSS_ENTROPY_IMPLS:
         raise ValueError(
             f"model.cross_entropy_fusion_impl must be one of {CROSS_ENTROPY_IMPLS}, "
@@ -239,7 +247,9 @@ def build_transformer_config(
         moe_token_dispatcher_type=model.moe_token_dispatcher,
         moe_grouped_gemm=model.moe_grouped_gemm,
         moe_router_padding_for_quantization=model.moe_router_padding_for_fp8,
-        moe_permute_fusion=te and on_gpu,
+        # TE's fused permutation; off for PyTorch's grouped experts, whose sync-free dispatch
+        # (compat/dispatch.py) permutes with known sizes.
+        moe_permute_fusion=te and on_gpu and model.moe_grouped_gemm_impl != "torch",
         moe_router_fusion=model.moe_router_fusion and on_gpu,
         moe_shared_expert_overlap=model.moe_shared_expert_overlap and on_gpu,
         # Dense MTP.

@@ -6,8 +6,8 @@ launches thousands of kernels and the GPU waits on Python.  This subclass keeps 
 orthogonalisation are unchanged) and computes all experts at once: the per-expert weights are
 stacked (one copy per layer and pass) and multiplied with PyTorch's grouped GEMM, whose group
 offsets are the cumulative token counts the dispatcher already produced.  Selected by
-``model.moe_grouped_gemm=true`` with ``model.backend=local`` (the ``te`` backend uses TE's grouped
-GEMM instead).
+``model.moe_grouped_gemm=true`` with ``model.backend=local``, and on the ``te`` backend with
+``model.moe_grouped_gemm_impl=torch`` (where, under FP8, the experts stay BF16).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class GroupedMMExperts(SequentialMLP):
     """``SequentialMLP`` with the same weights and maths, computed by grouped GEMMs.
 
     Falls back to the per-expert loop where the grouped form does not apply: expert tensor
-    parallelism (fc2 would need its reduction), linear biases, FP8/FP4 padding, TE activation
+    parallelism (fc2 would need its reduction), linear biases, FP8/FP4 token padding, TE activation
     modules, probabilities applied on the input, or a PyTorch without grouped GEMM.
     """
 
@@ -86,7 +86,7 @@ class GroupedMMExperts(SequentialMLP):
             and self.num_local_experts > 1
             and self.tp_group.size() == 1
             and not c.add_bias_linear
-            and not (c.fp8 or c.fp4)
+            and not c.moe_router_padding_for_quantization
             and not c.use_te_activation_func
             and not c.moe_apply_probs_on_input
             and not (c.bias_activation_fusion and not self._fused_swiglu())

@@ -14,6 +14,7 @@ import functools
 import importlib.util
 from typing import Any
 
+from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
     get_gpt_decoder_layer_specs,
@@ -75,6 +76,21 @@ def _group_experts(layer: ModuleSpec) -> None:
         submodules.experts = functools.partial(GroupedMMExperts, *experts.args, **experts.keywords)
 
 
+def _torch_grouped_experts(spec: TransformerBlockSubmodules) -> TransformerBlockSubmodules:
+    """The ``te`` block with PyTorch grouped-GEMM experts (``model.moe_grouped_gemm_impl=torch``):
+    Transformer Engine everywhere else, the routed experts as on the local backend.  TE's grouped
+    GEMM takes the token counts as host integers, so the dispatcher waits on the GPU once per MoE
+    layer per micro-batch; ``GroupedMMExperts`` takes them as device offsets.  Checkpoints are the
+    same: Megatron-Core saves ``SequentialMLP`` and ``TEGroupedMLP`` experts under one format."""
+    spec = copy.deepcopy(spec)
+    local = LocalSpecProvider().grouped_mlp_modules(True)  # SequentialMLP with local linears
+    for layer in spec.layer_specs:
+        submodules = _mlp_submodules(layer)
+        if hasattr(submodules, "experts"):
+            submodules.experts = functools.partial(GroupedMMExperts, *local.args, **local.keywords)
+    return spec
+
+
 # Transformer Engine fuses three of a layer's RMSNorms into the linear that follows them and saves
 # them under that linear's ``layer_norm_weight``; the local backend keeps separate norm modules.
 # Saving local checkpoints under TE's names (Megatron-Core does the same for its non-MLA local spec,
@@ -120,7 +136,12 @@ def _localize(spec: Any, grouped_experts: bool = False) -> Any:
 
 
 def decoder_block_spec(
-    config: TransformerConfig, backend: str, vp_stage: int | None = None, pp_rank: int | None = None
+    config: TransformerConfig,
+    backend: str,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+    *,
+    grouped_gemm_impl: str = "auto",
 ) -> TransformerBlockSubmodules:
     """Per-layer specs for the layers this pipeline rank builds (dense layer 0, then MoE)."""
     use_te = backend == "te"
@@ -129,7 +150,10 @@ def decoder_block_spec(
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
     )
-    return block if use_te else _localize(block, grouped_experts=config.moe_grouped_gemm)
+    if not use_te:
+        return _localize(block, grouped_experts=config.moe_grouped_gemm)
+    torch_experts = config.moe_grouped_gemm and grouped_gemm_impl == "torch"
+    return _torch_grouped_experts(block) if torch_experts else block
 
 
 def dense_layer_spec(config: TransformerConfig, backend: str) -> ModuleSpec:

@@ -44,6 +44,7 @@ def build_frozen_copy(trainer: Any, checkpoint: str | os.PathLike) -> list[torch
         trainer.recipe.model.backend,
         vpp=trainer.layout.vpp,
         seq_length=trainer.recipe.train.seq_length,
+        grouped_gemm_impl=trainer.recipe.model.moe_grouped_gemm_impl,
     )
     for model in chunks:
         model.requires_grad_(False)

@@ -87,7 +87,13 @@ def build_megatron_model(
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     model = build_joyai_model(
-        config, arch, backend, pre_process=pre_process, post_process=post_process, pp_rank=pp_rank
+        config,
+        arch,
+        backend,
+        pre_process=pre_process,
+        post_process=post_process,
+        pp_rank=pp_rank,
+        grouped_gemm_impl=model_cfg.moe_grouped_gemm_impl,
     )
     if torch.cuda.is_available():
         # Megatron builds its linears on the GPU when one is visible, our norms on the host: one

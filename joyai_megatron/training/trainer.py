@@ -152,6 +152,7 @@ class Trainer:
             vpp=self.layout.vpp,
             seq_length=self.recipe.train.seq_length,
             prepare=freeze,
+            grouped_gemm_impl=self.recipe.model.moe_grouped_gemm_impl,
         )
         chunks = wrap_in_ddp(
             chunks,

@@ -79,3 +79,76 @@ def test_shared_expert_overlap_with_allgather_names_the_key(tmp_path: Path) -> N
     with pytest.raises(ConfigRejected) as err:
         check_gpu_config(recipe_arch(recipe), recipe.model, recipe.parallel, recipe.precision)
     assert err.value.keys == ["model.moe_shared_expert_overlap"] and "alltoall" in err.value.reason
+
+
+def _te_recipe(tmp_path: Path, *overrides: str):
+    args = bench.parse_args(["--out-dir", str(tmp_path), *(f"--set={o}" for o in overrides)])
+    for key, value in bench.PARTS["te-no-mtp"][1].items():
+        setattr(args, key, value)
+    return load_recipe(bench.bench_recipe(args, tmp_path, train_iters=4), args.set)
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_torch_grouped_experts_build_their_gpu_config(impl: str, tmp_path: Path) -> None:
+    """``moe_grouped_gemm_impl=torch`` on te: Megatron-Core accepts it with the allgather dispatcher,
+    and TE's fused permutation is off so the sync-free dispatch (compat/dispatch.py) applies."""
+    recipe = _te_recipe(
+        tmp_path, f"model.moe_grouped_gemm_impl={impl}", "model.moe_token_dispatcher=allgather"
+    )
+    arch = recipe_arch(recipe)
+    check_gpu_config(arch, recipe.model, recipe.parallel, recipe.precision)
+    with assume_transformer_engine():
+        config = build_transformer_config(
+            arch, recipe.model, recipe.parallel, recipe.precision, use_cpu_initialization=True, on_gpu=True
+        )
+    assert config.moe_permute_fusion == (impl == "auto")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.moe_grouped_gemm_impl=cutlass"], "model.moe_grouped_gemm_impl must be one of"),
+        (
+            ["model.moe_grouped_gemm_impl=torch", "model.moe_grouped_gemm=false"],
+            "model.moe_grouped_gemm_impl=torch needs model.moe_grouped_gemm=true",
+        ),
+    ],
+)
+def test_bad_grouped_gemm_impl_names_the_key(overrides: list[str], message: str, tmp_path: Path) -> None:
+    recipe = _te_recipe(tmp_path, *overrides)
+    with pytest.raises(ValueError, match=f"^{message}"):
+        check_gpu_config(recipe_arch(recipe), recipe.model, recipe.parallel, recipe.precision)
+
+
+def test_torch_grouped_experts_replace_only_the_routed_experts() -> None:
+    """The spec swap puts ``GroupedMMExperts`` on Megatron-Core's local linears in each MoE layer
+    and leaves the dense layer, the shared experts and the caller's spec alone (run here on the
+    local block spec: the te one needs Transformer Engine to build)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from joyai_megatron.config.schema import ModelCfg, ParallelCfg, PrecisionCfg
+    from joyai_megatron.model.experts import GroupedMMExperts
+    from joyai_megatron.model.presets import get_preset
+    from joyai_megatron.model.spec import _mlp_submodules, _torch_grouped_experts
+
+    arch = get_preset("tiny")
+    config = build_transformer_config(arch, ModelCfg(moe_grouped_gemm=True), ParallelCfg(), PrecisionCfg())
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=False, normalization="RMSNorm", pp_rank=0
+    )
+    swapped = _torch_grouped_experts(block)
+    kinds = []
+    for before, after in zip(block.layer_specs, swapped.layer_specs, strict=True):
+        old, new = _mlp_submodules(before), _mlp_submodules(after)
+        if not hasattr(old, "experts"):
+            assert type(new) is type(old)  # dense layer 0
+            kinds.append("dense")
+            continue
+        assert old.experts.func is not GroupedMMExperts  # the input spec is not modified
+        assert new.experts.func is GroupedMMExperts
+        linears = new.experts.keywords["submodules"]
+        assert (linears.linear_fc1, linears.linear_fc2) == (ColumnParallelLinear, RowParallelLinear)
+        assert new.shared_experts is not None and new.router == old.router
+        kinds.append("moe")
+    assert kinds == ["dense"] + ["moe"] * (arch.num_layers - 1)

@@ -1,4 +1,5 @@
-"""The kernel-fusion recipe keys change no result on the ``te`` backend (skipped without CUDA/TE).
+"""The kernel-fusion recipe keys, and PyTorch's grouped-GEMM experts, change no result on the ``te``
+backend (skipped without CUDA/TE).
 
 ``model.bias_activation_fusion`` (fused SwiGLU, with the routing weight in the experts),
 ``model.moe_router_fusion`` (TE's fused sigmoid top-k router), ``model.cross_entropy_fusion_impl=te``
@@ -9,11 +10,17 @@ per-token losses through the model's own (fused) loss and every gradient compare
 
 The routers' expert choices are compared too: both routers compute sigmoid scores plus the expert
 bias in fp32 and take the top 8, so they should agree except on exact ties.
+
+``model.moe_grouped_gemm_impl=torch`` (PyTorch's grouped_mm experts behind the sync-free
+``allgather`` dispatch, TE elsewhere) is compared the same way against TE's grouped experts behind
+``alltoall``; its weights come from the TE model's checkpoint, so the two expert layouts' shared
+on-disk format is exercised too.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,7 +66,8 @@ def _run(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[
     return losses.detach().float(), maps, gradients(model)
 
 
-def test_fusions_change_no_loss_and_no_gradient(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _compare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict, what: str) -> torch.nn.Module:
+    """Build the plain te model and one with ``changes`` from its checkpoint; compare them."""
     from megatron.core import dist_checkpointing
 
     from joyai_megatron.config.schema import ModelCfg
@@ -73,24 +81,47 @@ def test_fusions_change_no_loss_and_no_gradient(tmp_path: Path, monkeypatch: pyt
     fresh_backend_env(monkeypatch)
     plain = build_megatron_model(arch, backend="te", dtype="bf16", mtp=False, model_cfg=plain_cfg)
     dist_checkpointing.save(model_sharded_state_dict([plain]), str(tmp_path))
-    fused = build_megatron_model(
-        arch, backend="te", dtype="bf16", mtp=False, seed=7, model_cfg=replace(plain_cfg, **FUSIONS)
+    other = build_megatron_model(
+        arch, backend="te", dtype="bf16", mtp=False, seed=7, model_cfg=replace(plain_cfg, **changes)
     )
-    load_model_weights(fused, tmp_path)
-    for key, value in FUSIONS.items():
-        assert getattr(fused.config, key) == value, key
+    load_model_weights(other, tmp_path)
 
     ids = torch.randint(0, arch.vocab_size, (2, 512), generator=torch.Generator().manual_seed(0)).cuda()
     plain_losses, plain_maps, plain_grads = _run(plain, ids)
-    fused_losses, fused_maps, fused_grads = _run(fused, ids)
+    other_losses, other_maps, other_grads = _run(other, ids)
+    other_grads = {_te_expert_name(n): g for n, g in other_grads.items()}
 
-    flipped = [float((a != b).any(-1).float().mean()) for a, b in zip(plain_maps, fused_maps, strict=True)]
-    report = {"per-token loss": relative_error(fused_losses, plain_losses)}
-    report.update({f"grad {n}": relative_error(fused_grads[n], g) for n, g in plain_grads.items()})
+    flipped = [float((a != b).any(-1).float().mean()) for a, b in zip(plain_maps, other_maps, strict=True)]
+    report = {"per-token loss": relative_error(other_losses, plain_losses)}
+    report.update({f"grad {n}": relative_error(other_grads[n], g) for n, g in plain_grads.items()})
     worst = sorted(report.items(), key=lambda kv: -kv[1])[:12]
-    print(f"\ntokens whose experts differ, per MoE layer: {flipped}")
-    print("fused vs plain: " + ", ".join(f"{k} {v:.2e}" for k, v in worst))
-    assert set(fused_grads) == set(plain_grads)
-    assert max(flipped) < 0.005, f"the fused router chose other experts for {flipped} of tokens"
+    print(f"\n{what}: tokens whose experts differ, per MoE layer: {flipped}")
+    print(f"{what} vs plain: " + ", ".join(f"{k} {v:.2e}" for k, v in worst))
+    assert set(other_grads) == set(plain_grads)
+    assert max(flipped) < 0.005, f"{what}: the router chose other experts for {flipped} of tokens"
     bad = {k: v for k, v in report.items() if v > 3e-2}  # bf16, as te vs local
-    assert not bad, f"the fusions change: {bad}"
+    assert not bad, f"{what} changes: {bad}"
+    return other
+
+
+def _te_expert_name(name: str) -> str:
+    """``SequentialMLP``'s parameter name -> ``TEGroupedMLP``'s (``local_experts.3.linear_fc1.weight``
+    -> ``linear_fc1.weight3``)."""
+    return re.sub(r"experts\.local_experts\.(\d+)\.(linear_fc\d)\.weight$", r"experts.\2.weight\1", name)
+
+
+def test_fusions_change_no_loss_and_no_gradient(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fused = _compare(tmp_path, monkeypatch, FUSIONS, "fused")
+    for key, value in FUSIONS.items():
+        assert getattr(fused.config, key) == value, key
+
+
+def test_torch_grouped_experts_match_te_grouped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from joyai_megatron.compat.dispatch import LocalAllGatherDispatcher
+    from joyai_megatron.model.experts import GroupedMMExperts
+
+    changes = {"moe_grouped_gemm_impl": "torch", "moe_token_dispatcher": "allgather"}
+    model = _compare(tmp_path, monkeypatch, changes, "torch experts")
+    experts = [m for m in model.modules() if isinstance(m, GroupedMMExperts)]
+    assert experts and all(m._grouped_applies() for m in experts)
+    assert any(isinstance(m, LocalAllGatherDispatcher) for m in model.modules())
