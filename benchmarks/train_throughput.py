@@ -10,6 +10,8 @@ matmul timed first gives the peak for MFU. FLOPs per token come from
 ``joyai_megatron.model.count.flops_per_token`` (the baseline counted without MTP).
 
     python benchmarks/train_throughput.py                      # GPU: prints the table at the end
+    # (default parts: te-torch-experts-no-mtp,te-torch-experts,baseline with Transformer Engine,
+    #  ours,baseline without it)
     python benchmarks/train_throughput.py --profile            # plus the top device-time sinks
     python benchmarks/train_throughput.py --data runs/demo/data --steps 100 --parts ours
     python benchmarks/train_throughput.py --dry-run            # CPU, tiny preset, seconds (CI)
@@ -26,6 +28,7 @@ highest loss all parts reach, and ours against the best baseline.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -42,6 +45,12 @@ sys.path[0] = str(REPO)
 import torch  # noqa: E402
 
 RESULT = "RESULT "
+# The fastest configuration measured on one GPU (docs/benchmarks.md, 2026-12-05): Transformer Engine
+# for attention, norms and dense linears; PyTorch's grouped GEMM for the routed experts behind the
+# sync-free allgather dispatch (TE's grouped GEMM makes the host wait once per MoE layer); fused
+# SwiGLU.  Each is checked against the path it replaces (tests/gpu/test_te_fusions_gpu.py,
+# tests/benchmarks/test_fast_paths.py).
+TORCH_EXPERTS = ["model.moe_grouped_gemm_impl=torch", "model.bias_activation_fusion=true"]
 PARTS = {
     # name -> (runner, overrides of the parsed arguments)
     "ours": ("ours", {}),
@@ -54,9 +63,36 @@ PARTS = {
     "te-fp8-blockwise": ("ours", {"backend": "te", "fp8_recipe": "blockwise"}),
     "te-fp8-tensorwise": ("ours", {"backend": "te", "fp8_recipe": "tensorwise"}),
     "te-fp8-delayed": ("ours", {"backend": "te", "fp8_recipe": "delayed"}),
+    "te-torch-experts": ("ours", {"backend": "te", "dispatcher": "allgather", "part_set": TORCH_EXPERTS}),
+    "te-torch-experts-no-mtp": (
+        "ours",
+        {"backend": "te", "mtp": False, "dispatcher": "allgather", "part_set": TORCH_EXPERTS},
+    ),
+    # FP8 blockwise for TE's linears; the PyTorch-grouped experts stay BF16 (no FP8 token padding).
+    "te-torch-experts-fp8": (
+        "ours",
+        {
+            "backend": "te",
+            "fp8_recipe": "blockwise",
+            "dispatcher": "allgather",
+            "part_set": [*TORCH_EXPERTS, "model.moe_router_padding_for_fp8=false"],
+        },
+    ),
     "baseline": ("baseline", {}),
     "baseline-eager": ("baseline", {"baseline_experts": "eager"}),
 }
+
+
+TORCH_EXPERT_PARTS = [name for name in PARTS if name.startswith("te-torch-experts")]
+
+
+def default_parts() -> str:
+    """The fastest configuration of ours where it can run (a GPU with Transformer Engine), with and
+    without MTP, against the baseline; the local backend elsewhere."""
+    te = importlib.util.find_spec("transformer_engine") is not None
+    if te and torch.cuda.is_available():
+        return "te-torch-experts-no-mtp,te-torch-experts,baseline"
+    return "ours,baseline"
 
 
 def part_and_lr(name: str) -> tuple[str, float | None]:
@@ -118,7 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--lr", type=float, default=4.2e-4)
     p.add_argument(
-        "--parts", default="ours,baseline", help=f"comma list of {sorted(PARTS)}, each may end in @LR"
+        "--parts",
+        default=default_parts(),
+        help=f"comma list of {sorted(PARTS)}, each may end in @LR (default: {default_parts()})",
     )
     p.add_argument(
         "--val-every", type=int, default=0, help="validation loss every K timed steps (needs --data)"
@@ -494,11 +532,21 @@ def run_baseline(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     return result
 
 
-def run_part(args: argparse.Namespace) -> dict[str, Any]:
-    name, lr = part_and_lr(args.part)
+def apply_part(args: argparse.Namespace, name: str) -> str:
+    """Set ``args`` as part ``name`` runs; returns its runner.  A part's own recipe overrides come
+    before ``--set``'s, so the command line wins."""
     runner, overrides = PARTS[name]
     for key, value in overrides.items():
-        setattr(args, key, value)
+        if key == "part_set":
+            args.set = [*value, *args.set]
+        else:
+            setattr(args, key, value)
+    return runner
+
+
+def run_part(args: argparse.Namespace) -> dict[str, Any]:
+    name, lr = part_and_lr(args.part)
+    runner = apply_part(args, name)
     if lr is not None:
         args.lr = lr
     out_dir = Path(args.out_dir) / args.part
@@ -575,7 +623,7 @@ def report(args: argparse.Namespace, env: dict[str, Any], peak: float, results: 
                 lines.append(
                     f"ratio {name}/te: tokens/s {r['tokens_per_s'] / done['te']['tokens_per_s']:.2f}x"
                 )
-    for ours in ("ours", "ours-no-mtp", "ours-sequential", "te", "te-no-mtp"):
+    for ours in ("ours", "ours-no-mtp", "ours-sequential", "te", "te-no-mtp", *TORCH_EXPERT_PARTS):
         for base in ("baseline", "baseline-eager"):
             if ours in done and base in done:
                 a, b = done[ours], done[base]

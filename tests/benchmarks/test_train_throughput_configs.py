@@ -24,11 +24,15 @@ OURS = sorted(name for name, (runner, _) in bench.PARTS.items() if runner == "ou
 @pytest.mark.parametrize("part", OURS)
 def test_part_builds_its_gpu_config(part: str, tmp_path: Path) -> None:
     args = bench.parse_args(["--out-dir", str(tmp_path)])
-    for key, value in bench.PARTS[part][1].items():
-        setattr(args, key, value)
-    recipe = load_recipe(bench.bench_recipe(args, tmp_path, train_iters=4))
+    bench.apply_part(args, part)
+    recipe = load_recipe(bench.bench_recipe(args, tmp_path, train_iters=4), args.set)
     check_gpu_config(recipe_arch(recipe), recipe.model, recipe.parallel, recipe.precision)
-    assert (recipe.precision.fp8 is not None) == part.startswith("te-fp8")
+    assert (recipe.precision.fp8 is not None) == ("fp8" in part)
+    if part.startswith("te-torch-experts"):
+        assert recipe.model.moe_grouped_gemm_impl == "torch" and recipe.model.bias_activation_fusion
+        assert (
+            recipe.model.moe_token_dispatcher == "allgather" and not recipe.model.moe_router_padding_for_fp8
+        )
 
 
 FUSIONS = [
@@ -45,8 +49,7 @@ def test_fusion_overrides_build_their_gpu_config(part: str, tmp_path: Path) -> N
     pass its checks for the te parts (BF16 and the recipes' FP8)."""
     argv = ["--out-dir", str(tmp_path), *(f"--set={override}" for override in FUSIONS)]
     args = bench.parse_args(argv)
-    for key, value in bench.PARTS[part][1].items():
-        setattr(args, key, value)
+    bench.apply_part(args, part)
     recipe = load_recipe(bench.bench_recipe(args, tmp_path, train_iters=4), args.set)
     arch = recipe_arch(recipe)
     check_gpu_config(arch, recipe.model, recipe.parallel, recipe.precision)
@@ -81,10 +84,16 @@ def test_shared_expert_overlap_with_allgather_names_the_key(tmp_path: Path) -> N
     assert err.value.keys == ["model.moe_shared_expert_overlap"] and "alltoall" in err.value.reason
 
 
+def test_command_line_overrides_win_over_a_parts_own(tmp_path: Path) -> None:
+    args = bench.parse_args(["--out-dir", str(tmp_path), "--set=model.bias_activation_fusion=false"])
+    bench.apply_part(args, "te-torch-experts-no-mtp")
+    recipe = load_recipe(bench.bench_recipe(args, tmp_path, train_iters=4), args.set)
+    assert recipe.model.moe_grouped_gemm_impl == "torch" and not recipe.model.bias_activation_fusion
+
+
 def _te_recipe(tmp_path: Path, *overrides: str):
     args = bench.parse_args(["--out-dir", str(tmp_path), *(f"--set={o}" for o in overrides)])
-    for key, value in bench.PARTS["te-no-mtp"][1].items():
-        setattr(args, key, value)
+    bench.apply_part(args, "te-no-mtp")
     return load_recipe(bench.bench_recipe(args, tmp_path, train_iters=4), args.set)
 
 
@@ -152,3 +161,12 @@ def test_torch_grouped_experts_replace_only_the_routed_experts() -> None:
         assert new.shared_experts is not None and new.router == old.router
         kinds.append("moe")
     assert kinds == ["dense"] + ["moe"] * (arch.num_layers - 1)
+
+
+def test_default_parts_are_the_fastest_where_they_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert bench.default_parts() == "ours,baseline"  # no GPU or no Transformer Engine here
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: object())
+    parts = bench.default_parts().split(",")
+    assert parts == ["te-torch-experts-no-mtp", "te-torch-experts", "baseline"]
+    assert all(p in bench.PARTS for p in parts)

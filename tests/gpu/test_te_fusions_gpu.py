@@ -66,8 +66,11 @@ def _run(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[
     return losses.detach().float(), maps, gradients(model)
 
 
-def _compare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict, what: str) -> torch.nn.Module:
-    """Build the plain te model and one with ``changes`` from its checkpoint; compare them."""
+def _compare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict, what: str, **layers: int
+) -> torch.nn.Module:
+    """Build the plain te model and one with ``changes`` from its checkpoint; compare them.
+    ``layers`` changes the depth (default: the dense layer 0, then one MoE layer)."""
     from megatron.core import dist_checkpointing
 
     from joyai_megatron.config.schema import ModelCfg
@@ -76,7 +79,7 @@ def _compare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict, wha
     from joyai_megatron.training.checkpoint_model import build_megatron_model, init_single_process
 
     init_single_process()
-    arch = get_preset("joyai_proxy_1gpu").replace(num_layers=2, mtp_num_layers=0)
+    arch = get_preset("joyai_proxy_1gpu").replace(**{"num_layers": 2, **layers, "mtp_num_layers": 0})
     plain_cfg = ModelCfg(moe_grouped_gemm=True, moe_token_dispatcher="alltoall")
     fresh_backend_env(monkeypatch)
     plain = build_megatron_model(arch, backend="te", dtype="bf16", mtp=False, model_cfg=plain_cfg)
@@ -111,7 +114,11 @@ def _te_expert_name(name: str) -> str:
 
 
 def test_fusions_change_no_loss_and_no_gradient(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fused = _compare(tmp_path, monkeypatch, FUSIONS, "fused")
+    """One MoE layer and no dense layer before it: the router's input is then the same in both
+    models.  (First run, H100 2026-12-05, with the dense layer 0 first: its fused SwiGLU rounds
+    differently in bf16, which moved the near-tied 8th/9th expert of 2.9% of tokens at init, and the
+    expert gradients with them; that says nothing about the router kernel.)"""
+    fused = _compare(tmp_path, monkeypatch, FUSIONS, "fused", num_layers=1, first_k_dense=0)
     for key, value in FUSIONS.items():
         assert getattr(fused.config, key) == value, key
 
@@ -124,4 +131,5 @@ def test_torch_grouped_experts_match_te_grouped(tmp_path: Path, monkeypatch: pyt
     model = _compare(tmp_path, monkeypatch, changes, "torch experts")
     experts = [m for m in model.modules() if isinstance(m, GroupedMMExperts)]
     assert experts and all(m._grouped_applies() for m in experts)
-    assert any(isinstance(m, LocalAllGatherDispatcher) for m in model.modules())
+    dispatchers = [type(m.token_dispatcher) for m in model.modules() if hasattr(m, "token_dispatcher")]
+    assert dispatchers and set(dispatchers) == {LocalAllGatherDispatcher}  # no host sync per layer
