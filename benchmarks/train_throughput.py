@@ -51,6 +51,7 @@ RESULT = "RESULT "
 # SwiGLU.  Each is checked against the path it replaces (tests/gpu/test_te_fusions_gpu.py,
 # tests/benchmarks/test_fast_paths.py).
 TORCH_EXPERTS = ["model.moe_grouped_gemm_impl=torch", "model.bias_activation_fusion=true"]
+_TE_TORCH_EXPERTS = {"backend": "te", "dispatcher": "allgather", "part_set": TORCH_EXPERTS}
 PARTS = {
     # name -> (runner, overrides of the parsed arguments)
     "ours": ("ours", {}),
@@ -63,18 +64,14 @@ PARTS = {
     "te-fp8-blockwise": ("ours", {"backend": "te", "fp8_recipe": "blockwise"}),
     "te-fp8-tensorwise": ("ours", {"backend": "te", "fp8_recipe": "tensorwise"}),
     "te-fp8-delayed": ("ours", {"backend": "te", "fp8_recipe": "delayed"}),
-    "te-torch-experts": ("ours", {"backend": "te", "dispatcher": "allgather", "part_set": TORCH_EXPERTS}),
-    "te-torch-experts-no-mtp": (
-        "ours",
-        {"backend": "te", "mtp": False, "dispatcher": "allgather", "part_set": TORCH_EXPERTS},
-    ),
+    "te-torch-experts": ("ours", _TE_TORCH_EXPERTS),
+    "te-torch-experts-no-mtp": ("ours", {**_TE_TORCH_EXPERTS, "mtp": False}),
     # FP8 blockwise for TE's linears; the PyTorch-grouped experts stay BF16 (no FP8 token padding).
     "te-torch-experts-fp8": (
         "ours",
         {
-            "backend": "te",
+            **_TE_TORCH_EXPERTS,
             "fp8_recipe": "blockwise",
-            "dispatcher": "allgather",
             "part_set": [*TORCH_EXPERTS, "model.moe_router_padding_for_fp8=false"],
         },
     ),
@@ -153,10 +150,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ours: a recipe override (repeatable), e.g. model.bias_activation_fusion=true",
     )
     p.add_argument("--lr", type=float, default=4.2e-4)
+    parts = default_parts()
     p.add_argument(
         "--parts",
-        default=default_parts(),
-        help=f"comma list of {sorted(PARTS)}, each may end in @LR (default: {default_parts()})",
+        default=parts,
+        help=f"comma list of {sorted(PARTS)}, each may end in @LR (default: {parts})",
     )
     p.add_argument(
         "--val-every", type=int, default=0, help="validation loss every K timed steps (needs --data)"

@@ -83,11 +83,11 @@ def _torch_grouped_experts(spec: TransformerBlockSubmodules) -> TransformerBlock
     layer per micro-batch; ``GroupedMMExperts`` takes them as device offsets.  Checkpoints are the
     same: Megatron-Core saves ``SequentialMLP`` and ``TEGroupedMLP`` experts under one format."""
     spec = copy.deepcopy(spec)
-    local = LocalSpecProvider().grouped_mlp_modules(True)  # SequentialMLP with local linears
     for layer in spec.layer_specs:
         submodules = _mlp_submodules(layer)
         if hasattr(submodules, "experts"):
-            submodules.experts = functools.partial(GroupedMMExperts, *local.args, **local.keywords)
+            submodules.experts = LocalSpecProvider().grouped_mlp_modules(True)  # SequentialMLP, local linears
+            _group_experts(layer)
     return spec
 
 
@@ -152,8 +152,7 @@ def decoder_block_spec(
     )
     if not use_te:
         return _localize(block, grouped_experts=config.moe_grouped_gemm)
-    torch_experts = config.moe_grouped_gemm and grouped_gemm_impl == "torch"
-    return _torch_grouped_experts(block) if torch_experts else block
+    return _torch_grouped_experts(block) if grouped_gemm_impl == "torch" else block
 
 
 def dense_layer_spec(config: TransformerConfig, backend: str) -> ModuleSpec:
