@@ -52,6 +52,13 @@ RESULT = "RESULT "
 # tests/benchmarks/test_fast_paths.py).
 TORCH_EXPERTS = ["model.moe_grouped_gemm_impl=torch", "model.bias_activation_fusion=true"]
 _TE_TORCH_EXPERTS = {"backend": "te", "dispatcher": "allgather", "part_set": TORCH_EXPERTS}
+# TE's fused sigmoid top-k router and its fused cross-entropy on top (same routing and losses:
+# tests/gpu/test_te_fusions_gpu.py).
+FUSED = [*TORCH_EXPERTS, "model.moe_router_fusion=true", "model.cross_entropy_fusion_impl=te"]
+_TE_FUSED = {**_TE_TORCH_EXPERTS, "part_set": FUSED}
+# FP8 blockwise for TE's linears; the PyTorch-grouped experts stay BF16 (no FP8 token padding).
+_FP8 = {"fp8_recipe": "blockwise"}
+NO_FP8_PADDING = ["model.moe_router_padding_for_fp8=false"]
 PARTS = {
     # name -> (runner, overrides of the parsed arguments)
     "ours": ("ours", {}),
@@ -66,14 +73,16 @@ PARTS = {
     "te-fp8-delayed": ("ours", {"backend": "te", "fp8_recipe": "delayed"}),
     "te-torch-experts": ("ours", _TE_TORCH_EXPERTS),
     "te-torch-experts-no-mtp": ("ours", {**_TE_TORCH_EXPERTS, "mtp": False}),
-    # FP8 blockwise for TE's linears; the PyTorch-grouped experts stay BF16 (no FP8 token padding).
     "te-torch-experts-fp8": (
         "ours",
-        {
-            **_TE_TORCH_EXPERTS,
-            "fp8_recipe": "blockwise",
-            "part_set": [*TORCH_EXPERTS, "model.moe_router_padding_for_fp8=false"],
-        },
+        {**_TE_TORCH_EXPERTS, **_FP8, "part_set": [*TORCH_EXPERTS, *NO_FP8_PADDING]},
+    ),
+    "te-torch-experts-fused": ("ours", _TE_FUSED),
+    "te-torch-experts-fused-no-mtp": ("ours", {**_TE_FUSED, "mtp": False}),
+    "te-torch-experts-fused-fp8": ("ours", {**_TE_FUSED, **_FP8, "part_set": [*FUSED, *NO_FP8_PADDING]}),
+    "te-torch-experts-fused-fp8-no-mtp": (
+        "ours",
+        {**_TE_FUSED, **_FP8, "mtp": False, "part_set": [*FUSED, *NO_FP8_PADDING]},
     ),
     "baseline": ("baseline", {}),
     "baseline-eager": ("baseline", {"baseline_experts": "eager"}),

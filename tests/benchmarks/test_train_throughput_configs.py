@@ -33,6 +33,9 @@ def test_part_builds_its_gpu_config(part: str, tmp_path: Path) -> None:
         assert (
             recipe.model.moe_token_dispatcher == "allgather" and not recipe.model.moe_router_padding_for_fp8
         )
+        fused = (recipe.model.moe_router_fusion, recipe.model.cross_entropy_fusion_impl == "te")
+        assert fused == (("fused" in part),) * 2
+    assert recipe.model.mtp_enabled == (not part.endswith("no-mtp"))
 
 
 FUSIONS = [
