@@ -33,10 +33,38 @@ def test_target_is_the_highest_loss_every_part_reaches() -> None:
     lines = bench.time_to_loss(results)
     assert lines[0].startswith("time to validation loss 3.6000")  # max over parts of each one's best
     # ours reaches 3.6 at its 3rd point (6 s); baseline@0.001 at its 4th (4 s), @0.003 at its 4th (6 s)
-    assert (
-        "ratio time-to-loss ours-no-mtp/baseline@0.001 (best baseline): seconds 1.50x, tokens 0.75x"
-        in lines[-1]
+    # curves without a steady clock: both clocks give the same ratio
+    assert lines[-2:] == [
+        f"ratio time-to-loss ours-no-mtp/baseline@0.001 (best baseline, {clock}): seconds 1.50x, tokens 0.75x"
+        for clock in ("steady clock", "wall clock")
+    ]
+
+
+def test_steady_clock_charges_the_first_step_at_the_mean_of_the_others() -> None:
+    """10 steps in 30 s, the first 12 s of them (compilation): the others take 2 s each, so a point
+    at 20 s of wall time is at 20 - 12 + 2 = 10 s on the steady clock."""
+    curve = [{"step": 5, "tokens": 50, "seconds": 20.0, "val_loss": 5.0}]
+    assert bench.steady_clock(curve, first_step=12.0, elapsed=30.0, steps=10)[0]["steady_seconds"] == 10.0
+    assert bench.steady_clock(curve, first_step=12.0, elapsed=12.0, steps=1)[0]["steady_seconds"] == 20.0
+
+
+def test_one_time_first_step_is_reported_apart() -> None:
+    """Ours pays 20 s once on its first step and then trains faster: behind on the wall clock,
+    ahead on the steady one, and each ratio picks its own best baseline."""
+    ours = bench.steady_clock(_curve([6.0, 4.0, 3.0], 10.0), first_step=21.0, elapsed=30.0, steps=3)
+    fast = bench.steady_clock(_curve([6.5, 5.0, 3.0], 5.0), first_step=5.0, elapsed=15.0, steps=3)
+    slow = bench.steady_clock(_curve([6.5, 3.5, 3.0], 8.0), first_step=8.0, elapsed=24.0, steps=3)
+    lines = bench.time_to_loss(
+        [
+            {"part": "ours-no-mtp", "curve": ours, "first_step_s": 21.0},
+            {"part": "baseline@0.001", "curve": fast, "first_step_s": 5.0},
+            {"part": "baseline@0.003", "curve": slow, "first_step_s": 8.0},
+        ]
     )
+    assert "first step 21.0 s" in lines[1]
+    # target 3.0: ours at 30 s wall / 30 - 21 + 4.5 = 13.5 s steady; fast at 15 s; slow at 24 s
+    assert lines[-2].endswith("(best baseline, steady clock): seconds 0.90x, tokens 1.00x")
+    assert lines[-1].endswith("(best baseline, wall clock): seconds 2.00x, tokens 1.00x")
 
 
 def test_part_names_carry_a_learning_rate() -> None:
@@ -79,3 +107,7 @@ def test_dry_run_on_the_demo_corpus(tmp_path: Path) -> None:
         seconds = [p["seconds"] for p in curve]
         assert seconds[0] > 0 and seconds == sorted(seconds) and seconds[-1] <= r["elapsed_s"]
         assert all(3.0 < p["val_loss"] < 10.0 for p in curve), curve  # ln(8192) = 9.01 at initialisation
+        assert 0 < r["first_step_s"] <= seconds[0]
+        typical = (r["elapsed_s"] - r["first_step_s"]) / (args["steps"] - 1)
+        for p in curve:
+            assert p["steady_seconds"] == pytest.approx(p["seconds"] - r["first_step_s"] + typical)

@@ -171,5 +171,5 @@ def test_default_parts_are_the_fastest_where_they_run(monkeypatch: pytest.Monkey
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: object())
     parts = bench.default_parts().split(",")
-    assert parts == ["te-torch-experts-no-mtp", "te-torch-experts", "baseline"]
+    assert parts == ["te-torch-experts-fused-no-mtp", "te-torch-experts", "baseline"]
     assert all(p in bench.PARTS for p in parts)
