@@ -10,7 +10,7 @@ matmul timed first gives the peak for MFU. FLOPs per token come from
 ``joyai_megatron.model.count.flops_per_token`` (the baseline counted without MTP).
 
     python benchmarks/train_throughput.py                      # GPU: prints the table at the end
-    # (default parts: te-torch-experts-no-mtp,te-torch-experts,baseline with Transformer Engine,
+    # (default parts: te-torch-experts-fused-no-mtp,te-torch-experts,baseline with Transformer Engine,
     #  ours,baseline without it)
     python benchmarks/train_throughput.py --profile            # plus the top device-time sinks
     python benchmarks/train_throughput.py --data runs/demo/data --steps 100 --parts ours
@@ -22,7 +22,8 @@ matmul timed first gives the peak for MFU. FLOPs per token come from
 A part name may end in ``@LR`` (that part at learning rate LR). With ``--val-every K`` each part
 also records its validation loss on the first ``--val-rows`` rows of the data's validation split
 every K steps (not timed); the report then gives every part's tokens and training seconds to the
-highest loss all parts reach, and ours against the best baseline.
+highest loss all parts reach, and ours against the best baseline, on the wall clock and on a steady
+clock that charges the first timed step (one-time compilation and autotuning) at the mean step.
 """
 
 from __future__ import annotations
