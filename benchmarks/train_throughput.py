@@ -57,9 +57,18 @@ _TE_TORCH_EXPERTS = {"backend": "te", "dispatcher": "allgather", "part_set": TOR
 # gradients without MTP: tests/gpu/test_te_fusions_gpu.py, passed on an H100 on 2026-12-05).
 FUSED = [*TORCH_EXPERTS, "model.moe_router_fusion=true", "model.cross_entropy_fusion_impl=te"]
 _TE_FUSED = {**_TE_TORCH_EXPERTS, "part_set": FUSED}
-# FP8 blockwise for TE's linears; the PyTorch-grouped experts stay BF16 (no FP8 token padding).
-_FP8 = {"fp8_recipe": "blockwise"}
-NO_FP8_PADDING = ["model.moe_router_padding_for_fp8=false"]
+
+
+def _fp8(part: dict[str, Any]) -> dict[str, Any]:
+    """``part`` with FP8 blockwise for TE's linears; the PyTorch-grouped experts stay BF16 (no FP8
+    token padding)."""
+    return {
+        **part,
+        "fp8_recipe": "blockwise",
+        "part_set": [*part["part_set"], "model.moe_router_padding_for_fp8=false"],
+    }
+
+
 PARTS = {
     # name -> (runner, overrides of the parsed arguments)
     "ours": ("ours", {}),
@@ -74,17 +83,11 @@ PARTS = {
     "te-fp8-delayed": ("ours", {"backend": "te", "fp8_recipe": "delayed"}),
     "te-torch-experts": ("ours", _TE_TORCH_EXPERTS),
     "te-torch-experts-no-mtp": ("ours", {**_TE_TORCH_EXPERTS, "mtp": False}),
-    "te-torch-experts-fp8": (
-        "ours",
-        {**_TE_TORCH_EXPERTS, **_FP8, "part_set": [*TORCH_EXPERTS, *NO_FP8_PADDING]},
-    ),
+    "te-torch-experts-fp8": ("ours", _fp8(_TE_TORCH_EXPERTS)),
     "te-torch-experts-fused": ("ours", _TE_FUSED),
     "te-torch-experts-fused-no-mtp": ("ours", {**_TE_FUSED, "mtp": False}),
-    "te-torch-experts-fused-fp8": ("ours", {**_TE_FUSED, **_FP8, "part_set": [*FUSED, *NO_FP8_PADDING]}),
-    "te-torch-experts-fused-fp8-no-mtp": (
-        "ours",
-        {**_TE_FUSED, **_FP8, "mtp": False, "part_set": [*FUSED, *NO_FP8_PADDING]},
-    ),
+    "te-torch-experts-fused-fp8": ("ours", _fp8(_TE_FUSED)),
+    "te-torch-experts-fused-fp8-no-mtp": ("ours", {**_fp8(_TE_FUSED), "mtp": False}),
     "baseline": ("baseline", {}),
     "baseline-eager": ("baseline", {"baseline_experts": "eager"}),
 }
@@ -247,7 +250,7 @@ def timed_steps(args: argparse.Namespace, step: Any, validate: Any = None) -> di
         losses.append(step())
         if i == 1:  # one-time costs (compilation, autotuning) land here when nothing warmed up
             synchronize(args.device)
-            first_step = elapsed + time.perf_counter() - start
+            first_step = time.perf_counter() - start  # nothing was validated yet: elapsed is 0
         if args.val_every and i % args.val_every == 0:
             synchronize(args.device)
             elapsed += time.perf_counter() - start
@@ -687,19 +690,20 @@ def time_to_loss(results: list[dict]) -> list[str]:
     """Tokens and training seconds each part took to reach the highest validation loss that every
     part reached, and ours (fastest of our parts) against the best baseline: on the wall clock, and
     on the steady clock (the first step's one-time costs removed, ``steady_clock``)."""
-    curves = {r["part"]: r["curve"] for r in results if r.get("curve")}
-    if not curves:
+    runs = {r["part"]: r for r in results if r.get("curve")}
+    if not runs:
         return []
-    first = {r["part"]: r.get("first_step_s") for r in results if r.get("curve")}
-    target = max(min(p["val_loss"] for p in c) for c in curves.values())
+    target = max(min(p["val_loss"] for p in r["curve"]) for r in runs.values())
     lines = [f"time to validation loss {target:.4f} (the highest loss every part reached):"]
     reached = {}
-    for part, curve in curves.items():
+    for part, run in runs.items():
+        curve = run["curve"]
         point = next(p for p in curve if p["val_loss"] <= target)
         reached[part] = point
         trail = " -> ".join(f"{p['val_loss']:.3f}" for p in curve[:: max(1, len(curve) // 6)])
         steady = point.get("steady_seconds", point["seconds"])
-        first_s = f", first step {first[part]:.1f} s" if first[part] is not None else ""
+        first = run.get("first_step_s")
+        first_s = f", first step {first:.1f} s" if first is not None else ""
         lines.append(
             f"  {part:<22} step {point['step']:>5}  {point['tokens']:>12,} tokens  {point['seconds']:>8.1f} s"
             f"  steady {steady:>7.1f} s{first_s}"
