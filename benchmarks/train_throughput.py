@@ -312,7 +312,7 @@ def phase(fn: Any, name: str) -> Any:
     return labelled
 
 
-def profile_steps(args: argparse.Namespace, step: Any, top: int = 8) -> dict[str, Any]:
+def profile_steps(args: argparse.Namespace, step: Any, top: int = 25) -> dict[str, Any]:
     """Operators by self device time (kernels attributed to the op that launched them), the
     busiest kernels, operators by self host time (where a host-bound step's wall time goes), and
     the device-busy share of wall time."""

@@ -5,13 +5,16 @@ launches thousands of kernels and the GPU waits on Python.  This subclass keeps 
 (``local_experts.E.linear_fc{1,2}.weight``, so checkpoints, conversion and Muon's per-matrix
 orthogonalisation are unchanged) and computes all experts at once: the per-expert weights are
 stacked (one copy per layer and pass) and multiplied with PyTorch's grouped GEMM, whose group
-offsets are the cumulative token counts the dispatcher already produced.  Selected by
+offsets are the cumulative token counts the dispatcher already produced (inside
+:func:`frozen_expert_weights`, one stack per layer serves every micro-batch of the pass).  Selected by
 ``model.moe_grouped_gemm=true`` with ``model.backend=local``, and on the ``te`` backend with
 ``model.moe_grouped_gemm_impl=torch`` (where, under FP8, the experts stay BF16).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +27,38 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 def grouped_mm_available() -> bool:
     return _GROUPED_MM is not None
+
+
+# Stacked [E, out, in] expert weights by the identity of their parameters, while
+# ``frozen_expert_weights`` is active; None outside it.
+_STACKS: dict[tuple[int, ...], torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def frozen_expert_weights() -> Iterator[None]:
+    """Within this block the caller promises the parameters do not change (one forward-backward
+    pass over a step's micro-batches: the optimizer steps after it).  Each layer then stacks its
+    experts' weights once instead of once per micro-batch (a full read and write of the layer's
+    expert weights each time).  Peak memory is unchanged or lower: every in-flight micro-batch
+    already saved a stack for its backward, now they share one.  Dropped on exit."""
+    global _STACKS
+    outer, _STACKS = _STACKS, {} if _STACKS is None else _STACKS
+    try:
+        yield
+    finally:
+        if outer is None:
+            _STACKS = None
+
+
+def stacked_weights(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` of the detached weights, shared within :func:`frozen_expert_weights`."""
+    if _STACKS is None:
+        return torch.stack([w.detach() for w in weights])
+    key = tuple(id(w) for w in weights)
+    stack = _STACKS.get(key)
+    if stack is None:
+        stack = _STACKS[key] = torch.stack([w.detach() for w in weights])
+    return stack
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -51,7 +86,7 @@ class _GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, offs: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
-        w = torch.stack([wt.detach() for wt in weights])  # [E, out, in]
+        w = stacked_weights(weights)  # [E, out, in]
         ctx.save_for_backward(x, offs, w)
         ctx.weights = weights
         return _GROUPED_MM(x, w.transpose(1, 2), offs=offs)
@@ -105,6 +140,7 @@ class GroupedMMExperts(SequentialMLP):
         offs = torch.cumsum(
             tokens_per_expert.to(device=x.device, dtype=torch.int32), dim=0, dtype=torch.int32
         )
+        self._run_expert_pre_hooks()
         w1 = [e.linear_fc1.weight for e in self.local_experts]  # E x [2F or F, H]
         w2 = [e.linear_fc2.weight for e in self.local_experts]  # E x [H, F]
         h = _GroupedLinear.apply(x.to(w1[0].dtype), offs, *w1)
@@ -116,6 +152,16 @@ class GroupedMMExperts(SequentialMLP):
             h = (self._activation(h) * permuted_probs.unsqueeze(-1)).to(w2[0].dtype)
         out = _GroupedLinear.apply(h, offs, *w2)
         return _ContiguousGrad.apply(out.to(x.dtype)), None
+
+    def _run_expert_pre_hooks(self) -> None:
+        """Run the forward pre-hooks of the expert linears this forward bypasses: with
+        ``overlap_param_gather`` Megatron's DDP waits there for each parameter's all-gather
+        (distributed_data_parallel.py ``_make_forward_pre_hook``, registered per module, own
+        parameters only), so without this the stack could read weights still being gathered."""
+        for expert in self.local_experts:
+            for linear in (expert.linear_fc1, expert.linear_fc2):
+                for hook in linear._forward_pre_hooks.values():
+                    hook(linear, ())
 
     def _fused_swiglu(self) -> bool:
         """Whether Megatron-Core's fused kernel computes this activation (plain SwiGLU)."""

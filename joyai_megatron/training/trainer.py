@@ -37,6 +37,7 @@ from joyai_megatron.config.schema import Recipe
 from joyai_megatron.model.build import build_model_chunks
 from joyai_megatron.model.config import build_transformer_config
 from joyai_megatron.model.count import flops_per_token
+from joyai_megatron.model.experts import frozen_expert_weights
 from joyai_megatron.model.presets import recipe_arch
 from joyai_megatron.model.spec import require_transformer_engine
 from joyai_megatron.optim.batch_ramp import batch_size_at, batch_sizes, ramp_thresholds, schedule_string
@@ -251,16 +252,17 @@ class Trainer:
     def run_microbatches(self, batches: list, forward_only: bool) -> list[dict[str, torch.Tensor]]:
         t = self.recipe.train
         iterators = [iter(batches) for _ in self.model] if len(self.model) > 1 else iter(batches)
-        return get_forward_backward_func()(
-            forward_step_func=self.stage.forward_step,
-            data_iterator=iterators,
-            model=self.model,
-            num_microbatches=len(batches),
-            seq_length=t.seq_length * t.micro_batch_size,
-            micro_batch_size=1,
-            decoder_seq_length=t.seq_length * t.micro_batch_size,
-            forward_only=forward_only,
-        )
+        with frozen_expert_weights():  # the optimizer steps only after the pass
+            return get_forward_backward_func()(
+                forward_step_func=self.stage.forward_step,
+                data_iterator=iterators,
+                model=self.model,
+                num_microbatches=len(batches),
+                seq_length=t.seq_length * t.micro_batch_size,
+                micro_batch_size=1,
+                decoder_seq_length=t.seq_length * t.micro_batch_size,
+                forward_only=forward_only,
+            )
 
     def _reduce_losses(self, losses: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Token-weighted means over micro-batches and data-parallel ranks, on every rank."""

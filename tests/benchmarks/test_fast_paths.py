@@ -435,3 +435,56 @@ def test_grouped_experts_accumulate_into_ddp_main_grads(one_rank) -> None:
     for name, p in sequential.named_parameters():
         assert p.main_grad.abs().sum() > 0 or "experts.local_experts" in name, name
         torch.testing.assert_close(main[name], p.main_grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_frozen_expert_weights_stack_once_per_pass(one_rank) -> None:
+    """Inside ``frozen_expert_weights`` (the trainer's forward-backward pass) each layer stacks its
+    experts' weights once for all micro-batches, with the same outputs and gradients as stacking
+    per micro-batch; outside it nothing is cached, and the cache is gone after the block."""
+    from joyai_megatron.model import experts as experts_mod
+
+    layer = next(m for m in build_tiny(grouped=True).modules() if isinstance(m, experts_mod.GroupedMMExperts))
+    counts = torch.tensor([3, 0, 2, 4, 1, 0, 5, 1])
+    gen = torch.Generator().manual_seed(3)
+    inputs = [(torch.randn(16, 64, generator=gen), torch.rand(16, generator=gen)) for _ in range(2)]
+    params = [p for _, p in sorted(layer.named_parameters())]
+
+    def two_microbatches() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        for p in params:
+            p.grad = None
+        outs = []
+        for x, probs in inputs:
+            out, _ = layer(x, counts, probs)
+            (out * out).sum().backward()
+            outs.append(out.detach())
+        return outs, [p.grad.clone() for p in params]
+
+    stacks = []
+    real_stack = torch.stack
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "stack", lambda ts, *a, **k: stacks.append(len(ts)) or real_stack(ts, *a, **k))
+        plain = two_microbatches()
+        assert stacks == [8, 8, 8, 8]  # fc1 and fc2 per micro-batch
+        stacks.clear()
+        with experts_mod.frozen_expert_weights():
+            cached = two_microbatches()
+            assert len(experts_mod._STACKS) == 2
+        assert stacks == [8, 8]  # once per layer for the pass
+    assert experts_mod._STACKS is None
+    for a, b in zip(plain[0] + plain[1], cached[0] + cached[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_grouped_experts_run_the_bypassed_linears_pre_hooks(one_rank) -> None:
+    """DDP's overlapped param all-gather waits in each module's forward pre-hook; the grouped
+    forward never calls the expert linears, so it must run their hooks itself."""
+    from joyai_megatron.model.experts import GroupedMMExperts
+
+    layer = next(m for m in build_tiny(grouped=True).modules() if isinstance(m, GroupedMMExperts))
+    seen = []
+    for e, expert in enumerate(layer.local_experts):
+        expert.linear_fc1.register_forward_pre_hook(lambda m, args, e=e: seen.append(("fc1", e)))
+        expert.linear_fc2.register_forward_pre_hook(lambda m, args, e=e: seen.append(("fc2", e)))
+    counts = torch.tensor([2, 2, 2, 2, 2, 2, 2, 2])
+    layer(torch.randn(16, 64), counts, torch.rand(16))
+    assert sorted(seen) == sorted((name, e) for e in range(8) for name in ("fc1", "fc2"))
