@@ -137,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="joyai_proxy_1gpu")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--seq-length", type=int, default=4096)
-    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--micro-batch", type=int, default=4)
     # 36 x 4096 tokens: one GPU's share of JoyAI's ~38M-token batch on 256 GPUs.
     p.add_argument("--global-batch", type=int, default=36, help="sequences per optimizer step")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
