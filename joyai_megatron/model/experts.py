@@ -4,9 +4,9 @@ Megatron-Core's ``SequentialMLP`` runs one small MLP per expert: with 64-256 exp
 launches thousands of kernels and the GPU waits on Python.  This subclass keeps its parameters
 (``local_experts.E.linear_fc{1,2}.weight``, so checkpoints, conversion and Muon's per-matrix
 orthogonalisation are unchanged) and computes all experts at once: the per-expert weights are
-stacked (one copy per layer and pass) and multiplied with PyTorch's grouped GEMM, whose group
-offsets are the cumulative token counts the dispatcher already produced (inside
-:func:`frozen_expert_weights`, one stack per layer serves every micro-batch of the pass).  Selected by
+stacked (one copy per layer per micro-batch, or per forward-backward pass inside
+:func:`frozen_expert_weights`) and multiplied with PyTorch's grouped GEMM, whose group offsets are
+the cumulative token counts the dispatcher already produced.  Selected by
 ``model.moe_grouped_gemm=true`` with ``model.backend=local``, and on the ``te`` backend with
 ``model.moe_grouped_gemm_impl=torch`` (where, under FP8, the experts stay BF16).
 """
@@ -40,24 +40,27 @@ def frozen_expert_weights() -> Iterator[None]:
     pass over a step's micro-batches: the optimizer steps after it).  Each layer then stacks its
     experts' weights once instead of once per micro-batch (a full read and write of the layer's
     expert weights each time).  Peak memory is unchanged or lower: every in-flight micro-batch
-    already saved a stack for its backward, now they share one.  Dropped on exit."""
+    already saved a stack for its backward, now they share one.  Dropped on exit; a nested block
+    shares the outer one's stacks."""
     global _STACKS
-    outer, _STACKS = _STACKS, {} if _STACKS is None else _STACKS
+    if _STACKS is not None:
+        yield
+        return
+    _STACKS = {}
     try:
         yield
     finally:
-        if outer is None:
-            _STACKS = None
+        _STACKS = None
 
 
 def stacked_weights(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """``torch.stack`` of the detached weights, shared within :func:`frozen_expert_weights`."""
-    if _STACKS is None:
-        return torch.stack([w.detach() for w in weights])
-    key = tuple(id(w) for w in weights)
-    stack = _STACKS.get(key)
+    key = tuple(map(id, weights))
+    stack = _STACKS.get(key) if _STACKS is not None else None
     if stack is None:
-        stack = _STACKS[key] = torch.stack([w.detach() for w in weights])
+        stack = torch.stack([w.detach() for w in weights])
+        if _STACKS is not None:
+            _STACKS[key] = stack
     return stack
 
 
